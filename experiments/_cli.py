@@ -22,11 +22,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Call ``main(argv)`` and exit with its status; user errors and Ctrl-C become one line."""
+def run(
+    main: Callable[[Sequence[str] | None], int | None],
+    argv: Sequence[str] | None = None,
+    user_errors: tuple[type[Exception], ...] = (),
+) -> None:
+    """Call ``main(argv)`` and exit with its status; user errors (:class:`UserError` and the
+    library's own data errors in ``user_errors``) and Ctrl-C become one line."""
     try:
         status = main(argv)
-    except UserError as err:
+    except (UserError, *user_errors) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,0 +1,22 @@
+"""CNNs on the Intel Image Classification scenes in Flax NNX (IST DL 2024-25, Homework 2, Question 2)."""
+
+from cnn.data import CLASS_NAMES, DataError, Split, Splits, load, load_kaggle, load_npz
+from cnn.model import CNN, ConvBlock, count_params
+from cnn.train import Trainer, TrainState, confusion_matrix, nll_loss
+
+__all__ = [
+    "CLASS_NAMES",
+    "CNN",
+    "ConvBlock",
+    "DataError",
+    "Split",
+    "Splits",
+    "TrainState",
+    "Trainer",
+    "confusion_matrix",
+    "count_params",
+    "load",
+    "load_kaggle",
+    "load_npz",
+    "nll_loss",
+]

@@ -1,0 +1,148 @@
+"""Intel Image Classification scenes: the homework's .npz and the original Kaggle folders.
+
+Both sources become a :class:`Splits` of uint8 NHWC ``(n, 48, 48, 3)`` images and int32 labels
+0..5 (buildings, forest, glacier, mountain, sea, street). Anything malformed raises
+:class:`DataError` with a one-line message naming the problem and the expected format.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnn.model import IMAGE_SHAPE, NUM_CLASSES
+
+CLASS_NAMES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
+SPLITS = ("train", "val", "test")
+NPZ_FORMAT = (
+    "an .npz with train_images/train_labels, val_images/val_labels, test_images/test_labels; "
+    "uint8 images (n, 48, 48, 3), integer labels 0..5"
+)
+DEFAULT_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "intel" / "intel_scenes_48.npz"
+
+
+class DataError(ValueError):
+    """The data on disk is missing or not in the expected format."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (n, 48, 48, 3) uint8
+    labels: np.ndarray  # (n,) int32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split | None
+    val: Split | None
+    test: Split | None
+
+
+def _check_split(path: Path, name: str, images: np.ndarray, labels: np.ndarray) -> Split:
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{path}: {name}_images has shape {images.shape}, expected (n, 48, 48, 3) NHWC")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{path}: {name}_labels has shape {labels.shape}, expected ({len(images)},)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: {name}_labels has dtype {labels.dtype}, expected integers 0..5")
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(f"{path}: {name}_labels range over {labels.min()}..{labels.max()}, expected 0..5")
+    if images.dtype != np.uint8:
+        if images.min() < 0 or images.max() > 255:
+            raise DataError(f"{path}: {name}_images has dtype {images.dtype} outside 0..255, expected uint8")
+        images = images.astype(np.uint8)
+    return Split(np.ascontiguousarray(images), labels.astype(np.int32))
+
+
+def load_npz(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
+    """Read the homework's .npz. Splits in ``required`` must be present; others are loaded if there."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected {NPZ_FORMAT})")
+    try:
+        data = np.load(path, allow_pickle=False)
+        keys = set(data.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable .npz ({err}); expected {NPZ_FORMAT}") from None
+    splits = {}
+    for name in SPLITS:
+        wanted = {f"{name}_images", f"{name}_labels"}
+        if wanted <= keys:
+            splits[name] = _check_split(path, name, data[f"{name}_images"], data[f"{name}_labels"])
+        elif name in required:
+            missing = ", ".join(sorted(wanted - keys))
+            raise DataError(f"{path}: missing {missing} (found {', '.join(sorted(keys)) or 'nothing'}); expected {NPZ_FORMAT}")
+        else:
+            splits[name] = None
+    return Splits(**splits)
+
+
+def _read_folder(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A folder of class sub-folders of JPEGs -> 48x48 uint8 images (Lanczos) and labels."""
+    from PIL import Image
+
+    # Kaggle's archive nests seg_train/seg_train/<class>; accept either depth.
+    if not any((root / c).is_dir() for c in CLASS_NAMES) and (root / root.name).is_dir():
+        root = root / root.name
+    images, labels = [], []
+    for label, name in enumerate(CLASS_NAMES):
+        folder = root / name
+        if not folder.is_dir():
+            raise DataError(f"{root}: no {name}/ sub-folder; expected one folder of JPEGs per class {CLASS_NAMES}")
+        for file in sorted(folder.glob("*.jp*g")):
+            try:
+                with Image.open(file) as img:
+                    img = img.convert("RGB").resize(IMAGE_SHAPE[:2], Image.Resampling.LANCZOS)
+            except OSError as err:
+                raise DataError(f"{file}: not a readable image ({err})") from None
+            images.append(np.asarray(img, dtype=np.uint8))
+            labels.append(label)
+    if not images:
+        raise DataError(f"{root}: no JPEG images found under the class folders")
+    return np.stack(images), np.asarray(labels, dtype=np.int32)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out): ``fraction`` of every class held out, chosen by a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        held.append(idx[: int(round(fraction * len(idx)))])
+    held_out = np.sort(np.concatenate(held))
+    keep = np.setdiff1d(np.arange(len(labels)), held_out)
+    return keep, held_out
+
+
+def load_kaggle(root: str | Path, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """The original Kaggle layout: ``root/seg_train/<class>/*.jpg`` and ``root/seg_test/<class>/*.jpg``.
+
+    Validation is a stratified, seeded ``val_fraction`` of seg_train.
+    """
+    root = Path(root)
+    if not (root / "seg_train").is_dir():
+        raise DataError(f"{root}: no seg_train/ folder (expected the Kaggle layout seg_train/<class>/*.jpg, seg_test/...)")
+    images, labels = _read_folder(root / "seg_train")
+    keep, held = stratified_split(labels, val_fraction, seed)
+    test = Split(*_read_folder(root / "seg_test")) if (root / "seg_test").is_dir() else None
+    return Splits(Split(images[keep], labels[keep]), Split(images[held], labels[held]), test)
+
+
+def load(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
+    """An .npz file or a Kaggle folder, by what ``path`` is."""
+    path = Path(path)
+    if path.is_dir():
+        return load_kaggle(path)
+    return load_npz(path, required)
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1] (what the homework's loader fed the network)."""
+    return images.astype(np.float32) / 255.0

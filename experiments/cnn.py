@@ -1,0 +1,204 @@
+"""Train and evaluate the homework's CNNs on Intel scenes.
+
+    python -m experiments.cnn --lr 0.01                      # one baseline model, 40 epochs of SGD
+    python -m experiments.cnn --lr 0.1 0.01 0.001            # the sweep, selected by validation accuracy
+    python -m experiments.cnn --batch-norm --lr 0.01         # the BN + global-average-pooling variant
+    python -m experiments.cnn --evaluate runs/cnn --data FILE.npz
+
+Writes to --out: metrics.json, training_loss.png, val_accuracy.png, confusion_matrix.png and, per
+learning rate, lr_<lr>/ckpt (orbax, every epoch) and lr_<lr>/best (best validation accuracy).
+Rerunning an interrupted command resumes from the last epoch checkpoint and ends with the same
+metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cnn.data import CLASS_NAMES, DEFAULT_NPZ, DataError, load
+from cnn.model import count_params
+from cnn.plots import plot_confusion, plot_curves
+from cnn.train import Trainer, confusion_matrix
+from experiments._checkpoint import Checkpoints, is_checkpoint_dir
+from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
+
+
+def run_dir(out: Path, lr: float) -> Path:
+    return out / f"lr_{lr:g}"
+
+
+def train_one(splits, lr: float, args, log) -> dict:
+    """Train (or resume) one learning rate; returns its history and best-epoch summary."""
+    from tqdm import tqdm
+
+    directory = run_dir(args.out, lr)
+    config = {
+        "batch_norm": args.batch_norm,
+        "lr": lr,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "train_examples": len(splits.train),
+    }
+    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed)
+    latest = Checkpoints(directory / "ckpt", max_to_keep=2)
+    best = Checkpoints(directory / "best", max_to_keep=1)
+    meta = {"config": config, "history": [], "diverged": False, "best_epoch": None, "best_val_acc": -1.0}
+    state = trainer.init_state()
+    if latest.latest_step() is not None:
+        state, meta = latest.restore(trainer.abstract_state())
+        if meta["config"] != config:
+            raise UserError(
+                f"{directory} holds a run with {meta['config']}, not {config}; choose another --out"
+            )
+        log(f"lr={lr:g}: resuming after epoch {latest.latest_step() + 1}")
+    start = len(meta["history"])
+    if meta["diverged"] or start >= args.epochs:
+        return meta
+
+    images, labels = trainer.put(splits.train.images), trainer.put(splits.train.labels)
+    val_images, val_labels = trainer.put(splits.val.images), trainer.put(splits.val.labels)
+    steps = math.ceil(len(splits.train) / args.batch_size)
+    for epoch in range(start, args.epochs):
+        tick = time.perf_counter()
+        with tqdm(total=steps, desc=f"lr={lr:g} epoch {epoch + 1}/{args.epochs}", leave=False, disable=None) as bar:
+            state, train_loss = trainer.train_epoch(state, images, labels, epoch, progress=bar.update)
+        finite = math.isfinite(train_loss)
+        val = trainer.evaluate(state, val_images, val_labels) if finite else {"acc": None, "loss": None}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss if finite else None,
+            "val_acc": val["acc"],
+            "val_loss": val["loss"],
+            "seconds": time.perf_counter() - tick,
+        }
+        meta["history"].append(record)
+        if not finite:
+            meta["diverged"] = True
+            log(f"lr={lr:g} epoch {epoch + 1}: training loss is {train_loss}; this run diverged, stopping it")
+            latest.save(epoch, state, meta)
+            break
+        if val["acc"] > meta["best_val_acc"]:
+            meta["best_epoch"], meta["best_val_acc"] = epoch + 1, val["acc"]
+            best.save(epoch, state, meta)
+        latest.save(epoch, state, meta)
+        log(
+            f"lr={lr:g} epoch {epoch + 1:>2}/{args.epochs}: train loss {train_loss:.4f}  "
+            f"val acc {val['acc']:.4f}  ({record['seconds']:.1f} s)"
+        )
+    latest.close()
+    best.close()
+    return meta
+
+
+def test_accuracy(checkpoints: Checkpoints, trainer: Trainer, split) -> tuple[float, np.ndarray]:
+    state, _ = checkpoints.restore(trainer.abstract_state())
+    result = trainer.evaluate(state, trainer.put(split.images), trainer.put(split.labels))
+    return result["acc"], result["preds"]
+
+
+def cmd_train(args, log) -> int:
+    splits = load(args.data)
+    if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
+        raise UserError(f"{args.data}: training needs non-empty train and val splits")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "batch-norm CNN" if args.batch_norm else "baseline CNN"
+    log(
+        f"{name}: {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test) if splits.test else 0} test images from {args.data}; out: {args.out}"
+    )
+    runs = {}
+    for lr in args.lr:
+        runs[lr] = train_one(splits, lr, args, log)
+
+    finished = {lr: m for lr, m in runs.items() if not m["diverged"] and m["best_epoch"] is not None}
+    if not finished:
+        raise UserError("every learning rate diverged; nothing to select")
+    lr = max(finished, key=lambda k: finished[k]["best_val_acc"])
+    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed)
+    selected = {"lr": lr, "epoch": finished[lr]["best_epoch"], "val_acc": finished[lr]["best_val_acc"]}
+    if splits.test is not None and len(splits.test):
+        selected["test_acc"], preds = test_accuracy(Checkpoints(run_dir(args.out, lr) / "best"), trainer, splits.test)
+        selected["final_epoch_test_acc"], _ = test_accuracy(Checkpoints(run_dir(args.out, lr) / "ckpt"), trainer, splits.test)
+        counts = confusion_matrix(splits.test.labels, preds)
+        plot_confusion(counts, CLASS_NAMES, args.out, f"{name}, lr={lr:g}, test acc {selected['test_acc']:.3f}")
+        selected["confusion_matrix"] = counts.tolist()
+
+    plot_curves({f"lr={k:g}": m["history"] for k, m in runs.items()}, args.out, name)
+    metrics = {
+        "model": "batch_norm" if args.batch_norm else "baseline",
+        "params": count_params(trainer.model(trainer.init_state())),
+        "data": str(args.data),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "runs": {f"{k:g}": m for k, m in runs.items()},
+        "selected": selected,
+        "wall_s": sum(h["seconds"] for m in runs.values() for h in m["history"]),
+    }
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    for k, m in runs.items():
+        status = "diverged" if m["diverged"] else f"best val acc {m['best_val_acc']:.4f} at epoch {m['best_epoch']}"
+        log(f"lr={k:g}: {status}")
+    summary = f"selected lr={lr:g} (epoch {selected['epoch']}, val acc {selected['val_acc']:.4f})"
+    if "test_acc" in selected:
+        summary += f": test acc {selected['test_acc']:.4f} (final epoch: {selected['final_epoch_test_acc']:.4f})"
+    log(summary + f"; {metrics['params']:,} parameters; {metrics['wall_s']:.0f} s of training")
+    print(json.dumps({k: v for k, v in selected.items() if k != "confusion_matrix"}))
+    return 0
+
+
+def find_best_checkpoint(path: Path) -> Path:
+    """A sweep's --out (its selected lr), a run directory lr_<lr>, or a checkpoint directory."""
+    if (path / "metrics.json").is_file():
+        lr = json.loads((path / "metrics.json").read_text())["selected"]["lr"]
+        path = run_dir(path, lr)
+    if (path / "best").is_dir():
+        path = path / "best"
+    if not is_checkpoint_dir(path):
+        raise UserError(f"{path}: no checkpoint here (expected a training --out, an lr_<lr> run or its best/ folder)")
+    return path
+
+
+def cmd_evaluate(args, log) -> int:
+    if not args.evaluate.exists():
+        raise UserError(f"{args.evaluate}: no such checkpoint")
+    checkpoints = Checkpoints(find_best_checkpoint(args.evaluate))
+    config = checkpoints.read_meta()["config"]
+    split = load(args.data, required=("test",)).test
+    trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"])
+    acc, _ = test_accuracy(checkpoints, trainer, split)
+    log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {args.data}")
+    print(json.dumps({"test_acc": acc}))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m experiments.cnn", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_NPZ,
+                        help="homework .npz or Kaggle folder (seg_train/, seg_test/); default: %(default)s")
+    parser.add_argument("--lr", type=positive_float, nargs="+", default=[0.01], help="learning rate(s) to sweep")
+    parser.add_argument("--batch-norm", action="store_true", help="the BN + global-average-pooling variant")
+    parser.add_argument("--epochs", type=positive_int, default=40)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="results folder (default: runs/cnn or runs/cnn-bn)")
+    parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
+    parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("runs/cnn-bn" if args.batch_norm else "runs/cnn")
+    import jax
+
+    if args.batch_size % jax.local_device_count():
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {jax.local_device_count()} devices")
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    return cmd_evaluate(args, log) if args.evaluate else cmd_train(args, log)
+
+
+if __name__ == "__main__":
+    run(main, user_errors=(DataError,))
