@@ -1,0 +1,204 @@
+"""CNN models, trainer, data layer and CLI on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cnn import CNN, CLASS_NAMES, DataError, Trainer, count_params, load_kaggle, load_npz
+from cnn.train import nll_loss
+from experiments import cnn as cnn_cli
+from tests.conftest import run_cli
+
+
+def tiny_splits(n_train=48, n_val=16, n_test=16, seed=0):
+    """Images whose brightness encodes the class: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        labels = rng.integers(0, 6, n)
+        images = rng.integers(0, 20, (n, 48, 48, 3)) + (labels * 45)[:, None, None, None]
+        out[f"{name}_images"], out[f"{name}_labels"] = images.astype(np.uint8), labels.astype(np.int64)
+    return out
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **tiny_splits())
+    return path
+
+
+@pytest.mark.parametrize("batch_norm, expected", [(False, 5_340_742), (True, 755_718)])
+def test_parameter_counts_and_log_probabilities(batch_norm, expected):
+    model = CNN(batch_norm, rngs=nnx.Rngs(0))
+    assert count_params(model) == expected
+    model.eval()
+    out = model(jnp.asarray(np.random.default_rng(0).random((3, 48, 48, 3)), jnp.float32))
+    assert out.shape == (3, 6)
+    np.testing.assert_allclose(jnp.exp(out).sum(axis=1), 1.0, rtol=1e-5)
+    assert bool(jnp.all(out <= 0))
+
+
+def test_batch_norm_switch():
+    plain, normed = CNN(False, rngs=nnx.Rngs(0)), CNN(True, rngs=nnx.Rngs(0))
+    assert jax.tree.leaves(nnx.state(plain, nnx.BatchStat)) == []
+    stats = nnx.state(normed, nnx.BatchStat)
+    # running mean and variance for 3 conv blocks (32, 64, 128) and the MLP (1024)
+    assert sorted(int(x.size) for x in jax.tree.leaves(stats)) == sorted([32, 32, 64, 64, 128, 128, 1024, 1024])
+    # baseline flattens 6*6*128 features, the variant averages to 128
+    assert plain.fc1.kernel.shape == (4608, 1024) and normed.fc1.kernel.shape == (128, 1024)
+
+
+def test_train_mode_uses_dropout_and_batch_statistics():
+    model = CNN(True, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).random((4, 48, 48, 3)), jnp.float32)
+    model.train()
+    a = model(x, rngs=nnx.Rngs(dropout=1))
+    b = model(x, rngs=nnx.Rngs(dropout=2))
+    assert not np.allclose(a, b)  # different dropout masks
+    model.eval()
+    np.testing.assert_array_equal(model(x), model(x))  # eval is deterministic
+
+
+def test_nll_loss_value():
+    log_probs = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    assert float(nll_loss(log_probs, jnp.array([0, 2]))) == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_few_steps_lower_the_loss(batch_norm):
+    data = tiny_splits(n_train=32)
+    trainer = Trainer(batch_norm, lr=0.02, batch_size=8, seed=0)
+    state = trainer.init_state()
+    images, labels = trainer.put(data["train_images"]), trainer.put(data["train_labels"].astype(np.int32))
+    before = trainer.evaluate(state, images, labels)["loss"]
+    for epoch in range(4):
+        state, _ = trainer.train_epoch(state, images, labels, epoch)
+    after = trainer.evaluate(state, images, labels)["loss"]
+    assert after < before - 0.2, (before, after)
+
+
+def test_epoch_batches_cover_every_example_and_depend_on_seed_and_epoch():
+    trainer = Trainer(False, lr=0.01, batch_size=8, seed=3)
+    batches = trainer.epoch_batches(21, epoch=0)
+    assert batches.shape == (3, 8)
+    assert set(batches.ravel()) == set(range(21))
+    np.testing.assert_array_equal(batches, trainer.epoch_batches(21, epoch=0))
+    assert not np.array_equal(batches, trainer.epoch_batches(21, epoch=1))
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_npz(tmp_path / "missing.npz")
+    data = tiny_splits()
+    bad = dict(data)
+    del bad["val_labels"]
+    np.savez(tmp_path / "keys.npz", **bad)
+    with pytest.raises(DataError, match="missing val_labels"):
+        load_npz(tmp_path / "keys.npz")
+    bad = dict(data, train_images=data["train_images"].transpose(0, 3, 1, 2))  # NCHW
+    np.savez(tmp_path / "shape.npz", **bad)
+    with pytest.raises(DataError, match=r"expected \(n, 48, 48, 3\)"):
+        load_npz(tmp_path / "shape.npz")
+    bad = dict(data, test_labels=data["test_labels"] + 6)
+    np.savez(tmp_path / "labels.npz", **bad)
+    with pytest.raises(DataError, match="expected 0..5"):
+        load_npz(tmp_path / "labels.npz")
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="not a readable"):
+        load_npz(tmp_path / "junk.npz")
+    test_only = {k: v for k, v in data.items() if k.startswith("test_")}
+    np.savez(tmp_path / "test_only.npz", **test_only)
+    assert load_npz(tmp_path / "test_only.npz", required=("test",)).train is None
+
+
+def test_kaggle_folders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("seg_train", 10), ("seg_test", 2)):
+        for name in CLASS_NAMES:
+            folder = tmp_path / split / split / name  # Kaggle's doubled folder
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (150, 150, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    splits = load_kaggle(tmp_path, val_fraction=0.2, seed=0)
+    assert splits.train.images.shape == (48, 48, 48, 3) and splits.train.images.dtype == np.uint8
+    assert np.bincount(splits.val.labels).tolist() == [2] * 6  # stratified
+    assert len(splits.test) == 12
+
+
+def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys):
+    common = ["--data", str(tiny_npz), "--lr", "0.05", "0.01", "--batch-size", "8", "--quiet"]
+    assert cnn_cli.main([*common, "--epochs", "3", "--out", str(tmp_path / "a")]) == 0
+    # interrupted after 2 epochs, then the same command with --epochs 3
+    assert cnn_cli.main([*common, "--epochs", "2", "--out", str(tmp_path / "b")]) == 0
+    assert cnn_cli.main([*common, "--epochs", "3", "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for lr in ("0.05", "0.01"):
+        strip = lambda h: [(e["train_loss"], e["val_acc"], e["val_loss"]) for e in h]
+        assert strip(a["runs"][lr]["history"]) == strip(b["runs"][lr]["history"])
+    assert a["selected"] == b["selected"]
+    assert a["params"] == 5_340_742
+    for name in ("training_loss.png", "val_accuracy.png", "confusion_matrix.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 1000
+    assert len(a["runs"]["0.05"]["history"]) == 3
+
+    capsys.readouterr()
+    test_only = tmp_path / "test_only.npz"
+    data = tiny_splits(seed=5)
+    np.savez(test_only, test_images=data["test_images"], test_labels=data["test_labels"])
+    assert cnn_cli.main(["--evaluate", str(tmp_path / "a"), "--data", str(test_only)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= last["test_acc"] <= 1.0
+
+
+def test_divergence_is_reported_and_the_sweep_goes_on(tiny_npz, tmp_path, capsys):
+    assert cnn_cli.main(["--data", str(tiny_npz), "--lr", "1e6", "0.01", "--epochs", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "diverged" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["runs"]["1e+06"]["diverged"] is True
+    assert metrics["selected"]["lr"] == 0.01
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, expected in (
+        (["--data", str(tmp_path / "none.npz"), "--epochs", "1"], "no such file"),
+        (["--lr", "-1"], "--lr"),
+        (["--evaluate", str(tmp_path / "nothing")], "no such checkpoint"),
+    ):
+        proc = run_cli("experiments.cnn", *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if "WARNING" not in line and line.strip()]
+        assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_data_parallel_over_two_devices_matches_one(tiny_npz, tmp_path):
+    """The same training run on 1 and on 2 (forced host) devices gives the same losses."""
+    results = {}
+    for devices in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        out = tmp_path / f"d{devices}"
+        import subprocess
+        import sys
+
+        code = (
+            "import jax, json; from experiments import cnn; assert jax.local_device_count() == %d; "
+            "cnn.main(['--data', %r, '--lr', '0.05', '--epochs', '2', '--out', %r, '--quiet'])"
+        ) % (devices, str(tiny_npz), str(out))
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        results[devices] = json.loads((out / "metrics.json").read_text())["runs"]["0.05"]["history"]
+    for one, two in zip(results[1], results[2]):
+        assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-4)
+        assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-4)
