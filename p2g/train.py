@@ -1,0 +1,117 @@
+"""Pure, jit-compiled Adam training of :class:`p2g.model.Seq2Seq` and batched decoding.
+
+As in :mod:`cnn.train`: the model is split once into a static graph and its parameters; a step
+is a pure function of arrays. Each batch is cut to its longest source and target rounded up to a
+multiple of 8 (:func:`batch_widths`), so jit compiles a handful of shapes, not one per batch,
+and short words are not padded to the longest word in the data.
+Batches come from a per-epoch permutation seeded by (seed, epoch), dropout keys from
+(seed, step), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from p2g.data import PAD, Batchable, Vocab, round_up
+from p2g.decode import decode
+from p2g.model import Seq2Seq, sequence_loss
+
+
+def batch_widths(data: Batchable, index: np.ndarray) -> tuple[int, int]:
+    """(source width, target width) for the examples ``index``: longest, rounded up to 8."""
+    src_w = round_up(int(data.src_len[index].max()))
+    tgt_w = round_up(int((data.tgt_out[index] != PAD).sum(axis=1).max()))
+    return min(src_w, data.src.shape[1]), min(tgt_w, data.tgt_out.shape[1])
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+class Trainer:
+    def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
+                 lr=0.003, batch_size=64, seed=0):
+        self.batch_size, self.seed = batch_size, seed
+        self.tx = optax.adam(lr)
+        model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed))
+        model.train()
+        self.train_graph, self._params = nnx.split(model, nnx.Param)
+        model.eval()
+        self.eval_graph, _ = nnx.split(model, nnx.Param)
+        self._step = jax.jit(self._step_impl, donate_argnums=0)
+        self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"))
+
+    def init_state(self) -> TrainState:
+        return TrainState(self._params, self.tx.init(self._params), jnp.int32(0))
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(self.init_state)
+
+    def _loss(self, params, src, src_len, tgt_in, tgt_out, key):
+        model = nnx.merge(self.train_graph, params, copy=True)
+        return sequence_loss(model(src, src_len, tgt_in, rngs=nnx.Rngs(dropout=key)), tgt_out)
+
+    def _step_impl(self, state: TrainState, src, src_len, tgt_in, tgt_out):
+        key = jax.random.fold_in(jax.random.key(self.seed), state.step)
+        loss, grads = jax.value_and_grad(self._loss)(state.params, src, src_len, tgt_in, tgt_out, key)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+
+    def epoch_batches(self, n: int, epoch: int) -> list[np.ndarray]:
+        """Seeded permutation cut into full batches; the last one completed from the start."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        steps = -(-n // self.batch_size)
+        perm = np.concatenate([perm, perm[: steps * self.batch_size - n]])
+        return np.split(perm, steps)
+
+    def train_epoch(self, state: TrainState, data: Batchable, epoch: int, progress=None):
+        losses = []
+        for index in self.epoch_batches(len(data), epoch):
+            S, T = batch_widths(data, index)
+            state, loss = self._step(
+                state, data.src[index, :S], data.src_len[index], data.tgt_in[index, :T], data.tgt_out[index, :T]
+            )
+            losses.append(loss)
+            if progress is not None:
+                progress(1)
+        return state, float(jnp.mean(jnp.stack(losses)))
+
+    def loss(self, state: TrainState, data: Batchable) -> float:
+        """Mean teacher-forced loss in eval mode (no dropout) over all target tokens."""
+        model = nnx.merge(self.eval_graph, state.params)
+        return float(sequence_loss(model(data.src, data.src_len, data.tgt_in), data.tgt_out))
+
+    def _decode_impl(self, params, src, src_len, key, max_len, top_p):
+        return decode(nnx.merge(self.eval_graph, params), src, src_len, max_len, top_p, key)
+
+    def decode(self, state: TrainState, data: Batchable, vocab: Vocab, *, top_p=None, key=None,
+               max_len=50, batch=500, attention=False):
+        """Spellings for every example (fixed-size batches, the last padded), and with
+        ``attention`` the (n, max_len, S) weights."""
+        key = jax.random.key(self.seed) if key is None else key
+        n = len(data)
+        words, weights = [], []
+        for start in range(0, n, batch):
+            index = np.arange(start, start + batch) % n
+            S, _ = batch_widths(data, index)
+            out = self._decode(state.params, data.src[index, :S], data.src_len[index], jax.random.fold_in(key, start),
+                               max_len=max_len, top_p=top_p)
+            count = min(batch, n - start)
+            tokens = np.asarray(out.tokens)[:count]
+            words.extend(vocab.decode(row) for row in tokens)
+            if attention:
+                padded = np.zeros((count, max_len, data.src.shape[1]), np.float32)
+                padded[:, :, :S] = np.asarray(out.attention)[:count]
+                weights.append(padded)
+        return (words, np.concatenate(weights)) if attention else words
+
+    def model(self, state: TrainState) -> Seq2Seq:
+        return nnx.merge(self.eval_graph, state.params)
