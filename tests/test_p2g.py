@@ -116,6 +116,7 @@ def test_greedy_is_argmax_at_every_step():
     done = np.zeros(2, bool)
     for t in range(6):
         logits, carry, _ = model.decoder.step(token, carry, enc, src != PAD)
+        logits = logits.at[:, PAD].set(-jnp.inf).at[:, SOS].set(-jnp.inf)  # never generated
         token = jnp.argmax(logits, -1)
         expected = np.where(done, PAD, np.asarray(token))
         np.testing.assert_array_equal(tokens[:, t], expected)
@@ -221,13 +222,17 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     assert strip(a) == strip(b)
     assert (tmp_path / "a" / "val_cer.png").stat().st_size > 1000
     capsys.readouterr()
+    word = (data_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")[1]
     assert p2g_cli.main(["test", "--checkpoint", str(tmp_path / "a"), "--data-dir", str(data_dir),
-                         "--topp", "0.8", "--k", "3"]) == 0
+                         "--topp", "0.8", "--k", "3", "--beam", "3", "--plot-attention", word,
+                         "--plot-dir", str(tmp_path / "maps")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert set(result) >= {"cer", "wer", "wer_at_k"}
     assert 0.0 <= result["wer_at_k"] <= 1.0 and result["k"] == 3
     assert any(line.startswith("greedy: CER") for line in lines)
+    assert 0.0 <= result["beam"]["cer"] and result["beam"]["width"] == 3
+    assert (tmp_path / "maps" / f"attention_{word}.png").stat().st_size > 1000
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -240,3 +245,37 @@ def test_cli_errors_are_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]
         assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def sequence_logprobs(model, src, lengths, candidates):
+    """log p(c | src) for every candidate row (L tokens), summed up to and including the first
+    EOS, with PAD and SOS excluded from the distribution as in decoding. One teacher-forced call."""
+    n, L = candidates.shape
+    tgt_in = np.concatenate([np.full((n, 1), SOS), candidates[:, :-1]], axis=1)
+    logits = model(jnp.repeat(src, n, 0), jnp.repeat(lengths, n, 0), jnp.asarray(tgt_in))
+    logp = np.asarray(jax.nn.log_softmax(logits.at[..., PAD].set(-jnp.inf).at[..., SOS].set(-jnp.inf)))
+    picked = np.take_along_axis(logp, candidates[..., None], axis=-1)[..., 0]
+    eos_seen_before = np.cumsum(candidates == EOS, axis=1) - (candidates == EOS) > 0
+    return np.where(eos_seen_before, 0.0, picked).sum(axis=1)
+
+
+def test_beam_search_width_one_is_greedy_and_wide_beam_is_exact():
+    import itertools
+
+    from p2g.decode import beam_search
+
+    model = Seq2Seq(12, 6, hidden=16, dropout=0.0, attention=True, rngs=nnx.Rngs(3))  # 2 symbols beyond specials
+    model.eval()
+    src, lengths = jnp.array([[4, 5, 6, 0], [7, 8, 0, 0]]), jnp.array([3, 2])
+    greedy = np.asarray(decode(model, src, lengths, max_len=3).tokens)
+    np.testing.assert_array_equal(np.asarray(beam_search(model, src, lengths, width=1, max_len=3)), greedy)
+    # generable tokens: EOS, UNK, 4, 5; width >= 4^2 keeps every prefix, so the best beam is the
+    # most probable sequence of at most 3 tokens
+    best = np.asarray(beam_search(model, src, lengths, width=16, max_len=3))
+    candidates = np.array(list(itertools.product([EOS, UNK, 4, 5], repeat=3)))
+    for b in range(2):
+        scores = sequence_logprobs(model, src[b : b + 1], lengths[b : b + 1], candidates)
+        found = best[b].copy()
+        found[np.cumsum(found == EOS) - (found == EOS) > 0] = EOS  # PAD after EOS: any filler scores 0
+        assert sequence_logprobs(model, src[b : b + 1], lengths[b : b + 1], found[None])[0] == pytest.approx(
+            scores.max(), abs=1e-5)
