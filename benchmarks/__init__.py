@@ -1,0 +1,1 @@
+"""Speed measurements; each script prints its figures (never asserted in tests)."""
