@@ -34,6 +34,9 @@ def run(
     except (UserError, *user_errors) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # unreadable or unwritable paths (a file where --out wants a folder, ...)
+        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)

@@ -126,6 +126,3 @@ class Trainer:
                 padded[:, :, :S] = np.asarray(out.attention)[:count]
                 weights.append(padded)
         return (words, np.concatenate(weights)) if attention else words
-
-    def model(self, state: TrainState) -> Seq2Seq:
-        return nnx.merge(self.eval_graph, state.params)
