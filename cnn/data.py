@@ -135,8 +135,17 @@ def load_kaggle(root: str | Path, val_fraction: float = 0.1, seed: int = 0) -> S
     return Splits(Split(images[keep], labels[keep]), Split(images[held], labels[held]), test)
 
 
-def load(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
-    """An .npz file or a Kaggle folder, by what ``path`` is."""
+def load(path: str | Path, required: tuple[str, ...] = SPLITS, tfds_dir: str | Path | None = None) -> Splits:
+    """An .npz file or a Kaggle folder, by what ``path`` is; ``tfds:DIR`` goes through the
+    tensorflow-datasets builder with manual dir DIR (:mod:`cnn.tfds_intel`), cached in ``tfds_dir``."""
+    if str(path).startswith("tfds:"):
+        from cnn.tfds_intel import load_tfds
+
+        splits = load_tfds(str(path)[len("tfds:") :], *(() if tfds_dir is None else (tfds_dir,)))
+        missing = [name for name in required if getattr(splits, name) is None]
+        if missing:
+            raise DataError(f"{path}: the prepared dataset has no {', '.join(missing)} split")
+        return splits
     path = Path(path)
     if path.is_dir():
         return load_kaggle(path)

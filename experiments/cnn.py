@@ -102,7 +102,7 @@ def test_accuracy(checkpoints: Checkpoints, trainer: Trainer, split) -> tuple[fl
 
 
 def cmd_train(args, log) -> int:
-    splits = load(args.data)
+    splits = load(args.data, tfds_dir=args.tfds_dir)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
         raise UserError(f"{args.data}: training needs non-empty train and val splits")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def cmd_evaluate(args, log) -> int:
         raise UserError(f"{args.evaluate}: no such checkpoint")
     checkpoints = Checkpoints(find_best_checkpoint(args.evaluate))
     config = checkpoints.read_meta()["config"]
-    split = load(args.data, required=("test",)).test
+    split = load(args.data, required=("test",), tfds_dir=args.tfds_dir).test
     trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"])
     acc, _ = test_accuracy(checkpoints, trainer, split)
     log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {args.data}")
@@ -180,7 +180,9 @@ def cmd_evaluate(args, log) -> int:
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m experiments.cnn", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_NPZ,
-                        help="homework .npz or Kaggle folder (seg_train/, seg_test/); default: %(default)s")
+                        help="homework .npz, Kaggle folder (seg_train/, seg_test/), or tfds:DIR to read "
+                             "through the TFDS builder with manual dir DIR; default: %(default)s")
+    parser.add_argument("--tfds-dir", type=Path, help="where TFDS prepares data (default: ~/tensorflow_datasets)")
     parser.add_argument("--lr", type=positive_float, nargs="+", default=[0.01], help="learning rate(s) to sweep")
     parser.add_argument("--batch-norm", action="store_true", help="the BN + global-average-pooling variant")
     parser.add_argument("--epochs", type=positive_int, default=40)
