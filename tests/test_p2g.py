@@ -223,6 +223,8 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     assert (tmp_path / "a" / "val_cer.png").stat().st_size > 1000
     capsys.readouterr()
     word = (data_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")[1]
+    with (data_dir / "test.tsv").open("a", encoding="utf-8") as f:
+        f.write("a line with no tab\n")  # reported, not silently dropped
     assert p2g_cli.main(["test", "--checkpoint", str(tmp_path / "a"), "--data-dir", str(data_dir),
                          "--topp", "0.8", "--k", "3", "--beam", "3", "--plot-attention", word,
                          "--plot-dir", str(tmp_path / "maps")]) == 0
@@ -231,6 +233,7 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     assert set(result) >= {"cer", "wer", "wer_at_k"}
     assert 0.0 <= result["wer_at_k"] <= 1.0 and result["k"] == 3
     assert any(line.startswith("greedy: CER") for line in lines)
+    assert any(line.startswith("skipped 1 malformed line(s)") and "test.tsv:41: no tab" in line for line in lines)
     assert 0.0 <= result["beam"]["cer"] and result["beam"]["width"] == 3
     assert (tmp_path / "maps" / f"attention_{word}.png").stat().st_size > 1000
 
