@@ -22,6 +22,21 @@ CHANNELS = (32, 64, 128)
 DROPOUT = 0.1
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2: ``(B, H, W, C) -> (B, H/2, W/2, C)``, H and W even.
+
+    y[b, i, j, c] = max over (p, q) in {0, 1}^2 of x[b, 2i + p, 2j + q, c], written as a reshape
+    and a max-reduction rather than ``lax.reduce_window``: the same values, but its gradient is an
+    elementwise mask instead of XLA's select-and-scatter, which on XLA:CPU made the backward pass
+    of the three pools cost more than the convolutions (``python -m benchmarks.run``,
+    docs/performance.md). Gradients agree wherever a window's maximum is unique (a tie splits the
+    gradient evenly instead of picking one element; after ReLU, ties are at 0 where the gradient
+    is 0 anyway).
+    """
+    B, H, W, C = x.shape
+    return jnp.max(x.reshape(B, H // 2, 2, W // 2, 2, C), axis=(2, 4))
+
+
 class Identity(nnx.Module):
     """The switched-off BatchNorm: returns its input."""
 
@@ -39,7 +54,7 @@ class ConvBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         x = nnx.relu(self.norm(self.conv(x)))
-        x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         return self.dropout(x, rngs=rngs)
 
 

@@ -67,6 +67,18 @@ def test_train_mode_uses_dropout_and_batch_statistics():
     np.testing.assert_array_equal(model(x), model(x))  # eval is deterministic
 
 
+def test_max_pool_matches_reduce_window_values_and_gradients(x64):
+    from cnn.model import max_pool_2x2
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 6, 3)))  # ties have probability 0
+    reference = lambda x: nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 3, 3)))
+    grad = lambda pool: jax.grad(lambda x: jnp.sum(weights * pool(x)))(x)
+    np.testing.assert_array_equal(grad(max_pool_2x2), grad(reference))
+    assert int(jnp.sum(grad(max_pool_2x2) != 0)) == 2 * 4 * 3 * 3  # one winner per window
+
+
 def test_nll_loss_value():
     log_probs = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
     assert float(nll_loss(log_probs, jnp.array([0, 2]))) == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)
