@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments._xla import tune_cpu
+
 try:
     import torch
 
@@ -311,13 +313,18 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per row (median reported)")
     parser.add_argument("--p2g-rounds", type=int, default=3, help="timed rounds for the P2G epoch rows")
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="row groups to run")
+    parser.add_argument("--xla-defaults", action="store_true",
+                        help="leave XLA's CPU defaults alone (otherwise the settings of experiments/_xla.py)")
     args = parser.parse_args(argv)
+    if not args.xla_defaults:
+        tune_cpu()  # before the first computation
     if args.rounds < 1 or args.p2g_rounds < 1:
         parser.error("--rounds and --p2g-rounds must be at least 1")
     rounds = 1 if args.quick else args.rounds
     torch_desc = f"torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "torch not installed"
     print(f"machine: {os.cpu_count()} CPU(s); jax {jax.__version__} on {jax.devices()[0].device_kind} "
-          f"x{jax.local_device_count()}; {torch_desc}{'; --quick: figures mean nothing' if args.quick else ''}",
+          f"x{jax.local_device_count()}; {torch_desc}{'; --quick: figures mean nothing' if args.quick else ''}\n"
+          f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '(none)')}",
           flush=True)
     results, peak = [], None
     for group in ("matmul",) + tuple(g for g in GROUPS if g != "matmul" and g in args.only):

@@ -25,6 +25,7 @@ from cnn.model import count_params
 from cnn.plots import plot_confusion, plot_curves
 from cnn.train import Trainer, confusion_matrix
 from experiments._checkpoint import Checkpoints, is_checkpoint_dir
+from experiments._xla import tune_cpu
 from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
 
 
@@ -192,6 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
     parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     args = parser.parse_args(argv)
+    tune_cpu()  # before the first computation (see experiments/_xla.py)
     if args.out is None:
         args.out = Path("runs/cnn-bn" if args.batch_norm else "runs/cnn")
     import jax

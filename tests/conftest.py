@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import pytest
+from experiments._xla import tune_cpu
+
+tune_cpu()  # the XLA:CPU settings the command-line tools run with, before jax computes anything
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -237,3 +237,17 @@ def test_tfds_builder_matches_the_direct_reader(tmp_path):
     (manual / "other.npz").write_bytes((manual / "scenes.npz").read_bytes())
     with pytest.raises(DataError, match="exactly one .npz"):
         load(f"tfds:{manual}", tfds_dir=tmp_path / "prepared")
+
+
+def test_tuned_xla_flags_respect_the_users(monkeypatch):
+    from experiments._xla import CPU_FLAGS, tune_cpu
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=false --xla_force_host_platform_device_count=2")
+    added = tune_cpu()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_cpu_use_onednn=false" in flags and "--xla_cpu_use_onednn=true" not in flags
+    assert added == [f"{k}={v}" for k, v in CPU_FLAGS.items() if k != "--xla_cpu_use_onednn"]
+    assert tune_cpu() == []  # idempotent
+    monkeypatch.setenv("HW2_XLA_DEFAULTS", "1")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert tune_cpu() == [] and os.environ["XLA_FLAGS"] == ""
