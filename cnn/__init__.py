@@ -2,7 +2,7 @@
 
 from cnn.data import CLASS_NAMES, DataError, Split, Splits, load, load_kaggle, load_npz
 from cnn.model import CNN, ConvBlock, count_params
-from cnn.train import Trainer, TrainState, confusion_matrix, nll_loss
+from cnn.train import SweepTrainer, Trainer, TrainState, confusion_matrix, nll_loss
 
 __all__ = [
     "CLASS_NAMES",
@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "Split",
     "Splits",
+    "SweepTrainer",
     "TrainState",
     "Trainer",
     "confusion_matrix",

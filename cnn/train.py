@@ -94,13 +94,15 @@ class Trainer:
         log_probs = model(pixels(images), rngs=nnx.Rngs(dropout=key))
         return nll_loss(log_probs, labels), nnx.state(model, nnx.BatchStat)
 
-    def _train_step_impl(self, state: TrainState, images, labels, index, epoch_key):
-        """One SGD step on the rows ``index`` (B,) of the resident data -> (state, loss)."""
+    def _train_step_impl(self, state: TrainState, images, labels, index, epoch_key, lr=None):
+        """One SGD step on the rows ``index`` (B,) of the resident data -> (state, loss).
+        ``lr`` (a traced scalar) overrides the trainer's learning rate (:class:`SweepTrainer`)."""
         x = jax.lax.with_sharding_constraint(images[index], self.batch_sharding)
         y = jax.lax.with_sharding_constraint(labels[index], self.batch_sharding)
         key = jax.random.fold_in(epoch_key, state.step)
         (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, state.stats, x, y, key)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        tx = self.tx if lr is None else optax.sgd(lr)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, stats, opt_state, state.step + 1), loss
 
@@ -166,3 +168,43 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, classes: int = NUM_C
     counts = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(counts, (labels, preds), 1)
     return counts
+
+
+class SweepTrainer:
+    """Several learning rates trained as one program: the :class:`Trainer` step ``jax.vmap``-ed
+    over a leading learning-rate axis of the state, every member seeing the same batches and
+    dropout keys as its own :class:`Trainer` would (same seed, same initial parameters), so a
+    member's trajectory is the one its sequential run takes, up to floating-point reassociation.
+    ``members[i]`` is the plain trainer of ``lrs[i]`` (evaluation, checkpoint shapes).
+    """
+
+    def __init__(self, batch_norm: bool, lrs, batch_size: int, seed: int = 0, devices=None):
+        self.lrs = tuple(float(lr) for lr in lrs)
+        self.members = [Trainer(batch_norm, lr, batch_size, seed, devices) for lr in self.lrs]
+        lead = self.members[0]
+        self.replicated = lead.replicated
+        step = jax.vmap(lead._train_step_impl, in_axes=(0, None, None, None, None, 0))
+        self._train_step = jax.jit(step, donate_argnums=0)
+        self._lrs = jax.device_put(jnp.asarray(self.lrs, jnp.float32), self.replicated)
+
+    @staticmethod
+    def stack(states: list[TrainState]) -> TrainState:
+        """L member states -> one state whose leaves have a leading axis of size L."""
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    @staticmethod
+    def member(state: TrainState, i: int) -> TrainState:
+        return jax.tree.map(lambda leaf: leaf[i], state)
+
+    def train_epoch(self, state: TrainState, images, labels, epoch: int, progress=None):
+        """One epoch for every member at once -> (state, (L,) mean training losses)."""
+        lead = self.members[0]
+        batches = lead.epoch_batches(len(labels), epoch).astype(np.int32)
+        key = lead.epoch_key(epoch)
+        losses = []
+        for index in batches:
+            state, loss = self._train_step(state, images, labels, index, key, self._lrs)
+            losses.append(loss)
+            if progress is not None:
+                progress(1)
+        return state, np.asarray(jnp.mean(jnp.stack(losses), axis=0))

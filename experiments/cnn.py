@@ -3,6 +3,7 @@
     python -m experiments.cnn --lr 0.01                      # one baseline model, 40 epochs of SGD
     python -m experiments.cnn --lr 0.1 0.01 0.001            # the sweep, selected by validation accuracy
     python -m experiments.cnn --batch-norm --lr 0.01         # the BN + global-average-pooling variant
+    python -m experiments.cnn --lr 0.1 0.01 0.001 --vmap-sweep   # the sweep as one vmapped program
     python -m experiments.cnn --evaluate runs/cnn --data FILE.npz
 
 Writes to --out: metrics.json, training_loss.png, val_accuracy.png, confusion_matrix.png and, per
@@ -23,7 +24,7 @@ import numpy as np
 from cnn.data import CLASS_NAMES, DEFAULT_NPZ, DataError, load
 from cnn.model import count_params
 from cnn.plots import plot_confusion, plot_curves
-from cnn.train import Trainer, confusion_matrix
+from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from experiments._checkpoint import Checkpoints, is_checkpoint_dir
 from experiments._xla import tune_cpu
 from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
@@ -33,67 +34,114 @@ def run_dir(out: Path, lr: float) -> Path:
     return out / f"lr_{lr:g}"
 
 
-def train_one(splits, lr: float, args, log) -> dict:
-    """Train (or resume) one learning rate; returns its history and best-epoch summary."""
+class Run:
+    """One learning rate's run: its trainer, checkpoints (lr_<lr>/ckpt every epoch, lr_<lr>/best)
+    and ``meta`` (config, per-epoch history, best epoch, divergence); restored if present."""
+
+    def __init__(self, splits, lr: float, args, log):
+        self.lr, self.args, self.log, self.splits = lr, args, log, splits
+        directory = run_dir(args.out, lr)
+        config = {
+            "batch_norm": args.batch_norm,
+            "lr": lr,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "train_examples": len(splits.train),
+        }
+        self.trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed)
+        self.latest = Checkpoints(directory / "ckpt", max_to_keep=2)
+        self.best = Checkpoints(directory / "best", max_to_keep=1)
+        self.meta = {"config": config, "history": [], "diverged": False, "best_epoch": None, "best_val_acc": -1.0}
+        self.state = self.trainer.init_state()
+        if self.latest.latest_step() is not None:
+            self.state, self.meta = self.latest.restore(self.trainer.abstract_state())
+            if self.meta["config"] != config:
+                raise UserError(f"{directory} holds a run with {self.meta['config']}, not {config}; choose another --out")
+            log(f"lr={lr:g}: resuming after epoch {self.latest.latest_step() + 1}")
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.meta["history"])
+
+    @property
+    def finished(self) -> bool:
+        return self.meta["diverged"] or self.epochs_done >= self.args.epochs
+
+    def end_epoch(self, epoch: int, state, train_loss: float, seconds: float, val_images, val_labels) -> None:
+        """Validate, record, checkpoint and log one finished epoch; a non-finite loss ends the run."""
+        self.state = state
+        finite = math.isfinite(train_loss)
+        val = self.trainer.evaluate(state, val_images, val_labels) if finite else {"acc": None, "loss": None}
+        record = {"epoch": epoch + 1, "train_loss": train_loss if finite else None, "val_acc": val["acc"],
+                  "val_loss": val["loss"], "seconds": seconds}
+        self.meta["history"].append(record)
+        if not finite:
+            self.meta["diverged"] = True
+            self.log(f"lr={self.lr:g} epoch {epoch + 1}: training loss is {train_loss}; this run diverged, stopping it")
+            self.latest.save(epoch, state, self.meta)
+            return
+        if val["acc"] > self.meta["best_val_acc"]:
+            self.meta["best_epoch"], self.meta["best_val_acc"] = epoch + 1, val["acc"]
+            self.best.save(epoch, state, self.meta)
+        self.latest.save(epoch, state, self.meta)
+        self.log(f"lr={self.lr:g} epoch {epoch + 1:>2}/{self.args.epochs}: train loss {train_loss:.4f}  "
+                 f"val acc {val['acc']:.4f}  ({seconds:.1f} s)")
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
-    directory = run_dir(args.out, lr)
-    config = {
-        "batch_norm": args.batch_norm,
-        "lr": lr,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "train_examples": len(splits.train),
-    }
-    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed)
-    latest = Checkpoints(directory / "ckpt", max_to_keep=2)
-    best = Checkpoints(directory / "best", max_to_keep=1)
-    meta = {"config": config, "history": [], "diverged": False, "best_epoch": None, "best_val_acc": -1.0}
-    state = trainer.init_state()
-    if latest.latest_step() is not None:
-        state, meta = latest.restore(trainer.abstract_state())
-        if meta["config"] != config:
-            raise UserError(
-                f"{directory} holds a run with {meta['config']}, not {config}; choose another --out"
-            )
-        log(f"lr={lr:g}: resuming after epoch {latest.latest_step() + 1}")
-    start = len(meta["history"])
-    if meta["diverged"] or start >= args.epochs:
-        return meta
+    return tqdm(total=total, desc=desc, leave=False, disable=None)
 
+
+def train_sequentially(run: Run, splits) -> None:
+    """One learning rate at a time: a jitted SGD step per batch."""
+    trainer = run.trainer
     images, labels = trainer.put(splits.train.images), trainer.put(splits.train.labels)
     val_images, val_labels = trainer.put(splits.val.images), trainer.put(splits.val.labels)
-    steps = math.ceil(len(splits.train) / args.batch_size)
-    for epoch in range(start, args.epochs):
+    steps = math.ceil(len(splits.train) / run.args.batch_size)
+    for epoch in range(run.epochs_done, run.args.epochs):
         tick = time.perf_counter()
-        with tqdm(total=steps, desc=f"lr={lr:g} epoch {epoch + 1}/{args.epochs}", leave=False, disable=None) as bar:
-            state, train_loss = trainer.train_epoch(state, images, labels, epoch, progress=bar.update)
-        finite = math.isfinite(train_loss)
-        val = trainer.evaluate(state, val_images, val_labels) if finite else {"acc": None, "loss": None}
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss if finite else None,
-            "val_acc": val["acc"],
-            "val_loss": val["loss"],
-            "seconds": time.perf_counter() - tick,
-        }
-        meta["history"].append(record)
-        if not finite:
-            meta["diverged"] = True
-            log(f"lr={lr:g} epoch {epoch + 1}: training loss is {train_loss}; this run diverged, stopping it")
-            latest.save(epoch, state, meta)
+        with progress_bar(steps, f"lr={run.lr:g} epoch {epoch + 1}/{run.args.epochs}") as bar:
+            state, train_loss = trainer.train_epoch(run.state, images, labels, epoch, progress=bar.update)
+        run.end_epoch(epoch, state, train_loss, time.perf_counter() - tick, val_images, val_labels)
+        if run.finished:
             break
-        if val["acc"] > meta["best_val_acc"]:
-            meta["best_epoch"], meta["best_val_acc"] = epoch + 1, val["acc"]
-            best.save(epoch, state, meta)
-        latest.save(epoch, state, meta)
-        log(
-            f"lr={lr:g} epoch {epoch + 1:>2}/{args.epochs}: train loss {train_loss:.4f}  "
-            f"val acc {val['acc']:.4f}  ({record['seconds']:.1f} s)"
-        )
-    latest.close()
-    best.close()
-    return meta
+
+
+def train_vmapped(runs: list[Run], splits, log) -> None:
+    """Every unfinished learning rate as one vmapped program (``--vmap-sweep``); a member that
+    diverges is carried along, ignored. Each record's ``seconds`` is the epoch's time shared out
+    equally among the members trained in it."""
+    todo = [run for run in runs if not run.finished]
+    if not todo:
+        return
+    if len({run.epochs_done for run in todo}) > 1:
+        log("--vmap-sweep: the runs to resume stopped at different epochs; training them one at a time")
+        for run in todo:
+            train_sequentially(run, splits)
+        return
+    args = todo[0].args
+    sweep = SweepTrainer(args.batch_norm, [run.lr for run in todo], args.batch_size, args.seed)
+    state = sweep.stack([run.state for run in todo])
+    images, labels = sweep.members[0].put(splits.train.images), sweep.members[0].put(splits.train.labels)
+    val_images, val_labels = sweep.members[0].put(splits.val.images), sweep.members[0].put(splits.val.labels)
+    steps = math.ceil(len(splits.train) / args.batch_size)
+    log(f"training lr={', '.join(f'{run.lr:g}' for run in todo)} as one vmapped program")
+    for epoch in range(todo[0].epochs_done, args.epochs):
+        live = [i for i, run in enumerate(todo) if not run.finished]
+        if not live:
+            break
+        tick = time.perf_counter()
+        with progress_bar(steps, f"lr sweep epoch {epoch + 1}/{args.epochs}") as bar:
+            state, losses = sweep.train_epoch(state, images, labels, epoch, progress=bar.update)
+        seconds = (time.perf_counter() - tick) / len(live)
+        for i in live:
+            todo[i].end_epoch(epoch, sweep.member(state, i), float(losses[i]), seconds, val_images, val_labels)
 
 
 def test_accuracy(checkpoints: Checkpoints, trainer: Trainer, split) -> tuple[float, np.ndarray]:
@@ -112,9 +160,16 @@ def cmd_train(args, log) -> int:
         f"{name}: {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test) if splits.test else 0} test images from {args.data}; out: {args.out}"
     )
-    runs = {}
-    for lr in args.lr:
-        runs[lr] = train_one(splits, lr, args, log)
+    members = [Run(splits, lr, args, log) for lr in args.lr]
+    if args.vmap_sweep:
+        train_vmapped(members, splits, log)
+    else:
+        for run in members:
+            if not run.finished:
+                train_sequentially(run, splits)
+    for run in members:
+        run.close()
+    runs = {run.lr: run.meta for run in members}
 
     finished = {lr: m for lr, m in runs.items() if not m["diverged"] and m["best_epoch"] is not None}
     if not finished:
@@ -191,6 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="results folder (default: runs/cnn or runs/cnn-bn)")
     parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
+    parser.add_argument("--vmap-sweep", action="store_true",
+                        help="train all --lr values at once as one vmapped program (same batches and dropout keys)")
     parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     args = parser.parse_args(argv)
     tune_cpu()  # before the first computation (see experiments/_xla.py)
