@@ -68,13 +68,13 @@ def timed(fn) -> float:
     return time.perf_counter() - tick
 
 
-def measure(row: Row, rounds: int) -> Timing:
-    """First calls (ours: compilation), a warm-up call each unless a call is long (``per_call``),
-    then ``rounds`` rounds alternating which goes first. Medians."""
+def measure(row: Row, rounds: int, warm_up: bool = True) -> Timing:
+    """First calls (ours: compilation), a warm-up call each unless a call is long (``per_call``)
+    or ``warm_up`` is off, then ``rounds`` rounds alternating which goes first. Medians."""
     first = timed(row.ours)
     if row.theirs is not None:
         row.theirs()
-    if not row.per_call:
+    if warm_up and not row.per_call:
         row.ours()
         if row.theirs is not None:
             row.theirs()
@@ -241,7 +241,7 @@ def p2g_rows(quick: bool) -> list[Row]:
     # of our parameters so that both compute the same function and decode words of the same length.
     trainer, state, _ = trained[True]
     n = len(valid)
-    max_len = 50
+    max_len = 20 if quick else 50
     tokens = np.asarray(trainer._decode(state[0].params, valid.src, valid.src_len, jax.random.key(0),
                                         max_len=max_len, top_p=None).tokens)
     generated = int(np.sum(tokens != PAD))
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     for group in ("matmul",) + tuple(g for g in GROUPS if g != "matmul" and g in args.only):
         for row in BUILDERS[group](args.quick):
             r = 1 if args.quick else (args.p2g_rounds if row.per_call else rounds)
-            timing = measure(row, r)
+            timing = measure(row, r, warm_up=not args.quick)
             results.append((row, timing))
             print(f"  timed {row.name}", flush=True)
             if group == "matmul":

@@ -13,7 +13,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from hopfield.cccp import cccp_step
 
 
 def cross_attention(Q: chex.Array, K: chex.Array, V: chex.Array) -> chex.Array:
@@ -26,8 +25,15 @@ def cross_attention(Q: chex.Array, K: chex.Array, V: chex.Array) -> chex.Array:
 
 
 def cccp_step_batch(Q: chex.Array, X: chex.Array, beta: chex.Numeric) -> chex.Array:
-    """``cccp_step`` over the rows of Q: ``(M, D), (N, D) -> (M, D)``."""
-    return jax.vmap(cccp_step, in_axes=(0, None, None))(Q, X, beta)
+    """``cccp_step`` over the rows of Q: softmax(beta Q X^T) X, ``(M, D), (N, D) -> (M, D)``.
+
+    Row m is X^T softmax(beta X q_m) = ``cccp_step(q_m, X, beta)`` (tested against it). Written
+    as two matrix products rather than ``vmap`` of the per-query gradient, which XLA:CPU ran at
+    0.4x the rate (13,686 vs 34,931 queries/s, ``python -m benchmarks.run --only hopfield``).
+    """
+    chex.assert_rank([Q, X], 2)
+    chex.assert_equal(Q.shape[1], X.shape[1])
+    return jax.nn.softmax(beta * (Q @ X.T), axis=-1) @ X
 
 
 def jax_attention(Q: chex.Array, X: chex.Array) -> chex.Array:
