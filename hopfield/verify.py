@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hopfield.attention import cccp_step_batch, cross_attention, jax_attention
-from hopfield.cccp import cccp_retrieve
+from hopfield.attention import cross_attention, jax_attention
+from hopfield.cccp import cccp_retrieve, cccp_step
 from hopfield.derivatives import (
     grad_energy_convex,
     grad_neg_energy_concave,
@@ -83,7 +83,8 @@ def _per_problem(q, X, beta, Q, cccp_steps):
     h2_scale = beta * jnp.max(jnp.abs((X * p[:, None]).T @ X))
     # An attention output is a convex combination of the rows of X: errors relative to max |X|.
     x_scale = jnp.max(jnp.abs(X))
-    hop = cccp_step_batch(Q, X, 1.0 / jnp.sqrt(jnp.asarray(X.shape[1], X.dtype)))
+    # one CCCP step per query, from the gradient form (cccp_step), against the two attentions
+    hop = jax.vmap(cccp_step, in_axes=(0, None, None))(Q, X, 1.0 / jnp.sqrt(jnp.asarray(X.shape[1], X.dtype)))
     return {
         "g1": relative_error(grad_energy_convex(q, X, beta), jax.grad(energy_convex)(q, X, beta)),
         "g2": relative_error(grad_neg_energy_concave(q, X, beta), jax.grad(_neg_energy_concave)(q, X, beta)),
