@@ -17,7 +17,7 @@ from p2g import (
     nucleus_probabilities, read_tsv, wer, wer_at_k,
 )
 from p2g.data import DataError, ReadReport
-from p2g.model import reverse_within_length, sequence_loss
+from p2g.model import masked_lstm_scan, reverse_within_length, sequence_loss
 from tests.conftest import run_cli
 
 PHONE = {"a": "æ", "b": "b", "c": "k", "d": "d", "e": "ɛ", "o": "oʊ", "s": "s", "t": "t"}
@@ -47,6 +47,25 @@ def small_model(attention=True, seed=0):
     model = Seq2Seq(12, 10, hidden=16, dropout=0.3, attention=attention, rngs=nnx.Rngs(seed))
     model.eval()
     return model
+
+
+def test_masked_scan_is_the_cell_stepped_in_a_loop(x64):
+    """The masked scan equals calling the cell step by step, and a sequence's carry stops
+    changing after its length (outputs there are 0)."""
+    cell = nnx.OptimizedLSTMCell(5, 4, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 6, 5)))
+    lengths = jnp.array([6, 2, 4])
+    zeros = jnp.zeros((3, 4), jnp.float64)
+    (c, h), outputs = masked_lstm_scan(cell, x, lengths, (zeros, zeros))
+    for b in range(3):
+        carry = (zeros[b : b + 1], zeros[b : b + 1])
+        for t in range(int(lengths[b])):
+            carry, out = cell(carry, x[b : b + 1, t])
+            np.testing.assert_allclose(outputs[b, t], out[0], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(c[b], carry[0][0], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(h[b], carry[1][0], rtol=1e-12, atol=1e-14)
+        assert not np.any(np.asarray(outputs[b, int(lengths[b]) :]))
 
 
 def test_reverse_within_length_is_an_involution():
