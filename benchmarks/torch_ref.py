@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-PAD, SOS, EOS = 0, 1, 2
+from p2g.data import EOS, PAD, SOS
 
 
 def trainable(model: nn.Module) -> int:

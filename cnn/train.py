@@ -123,15 +123,21 @@ class Trainer:
         called with 1 after each step. Losses stay on the device until the epoch ends, so the
         host never waits on a step.
         """
+        state, losses = self.run_epoch(self._train_step, state, images, labels, epoch, progress)
+        return state, float(losses)
+
+    def run_epoch(self, step, state, images, labels, epoch: int, progress=None, *extra):
+        """Call ``step(state, images, labels, index, epoch_key, *extra) -> (state, loss)`` on
+        each batch of ``epoch``; returns (state, the mean of the losses over the batches)."""
         batches = self.epoch_batches(len(labels), epoch).astype(np.int32)
         key = self.epoch_key(epoch)
         losses = []
         for index in batches:
-            state, loss = self._train_step(state, images, labels, index, key)
+            state, loss = step(state, images, labels, index, key, *extra)
             losses.append(loss)
             if progress is not None:
                 progress(1)
-        return state, float(jnp.mean(jnp.stack(losses)))
+        return state, jnp.mean(jnp.stack(losses), axis=0)
 
     def put(self, array: np.ndarray) -> jax.Array:
         """Place a host array on the devices, replicated (the data set is small)."""
@@ -198,13 +204,5 @@ class SweepTrainer:
 
     def train_epoch(self, state: TrainState, images, labels, epoch: int, progress=None):
         """One epoch for every member at once -> (state, (L,) mean training losses)."""
-        lead = self.members[0]
-        batches = lead.epoch_batches(len(labels), epoch).astype(np.int32)
-        key = lead.epoch_key(epoch)
-        losses = []
-        for index in batches:
-            state, loss = self._train_step(state, images, labels, index, key, self._lrs)
-            losses.append(loss)
-            if progress is not None:
-                progress(1)
-        return state, np.asarray(jnp.mean(jnp.stack(losses), axis=0))
+        state, losses = self.members[0].run_epoch(self._train_step, state, images, labels, epoch, progress, self._lrs)
+        return state, np.asarray(losses)

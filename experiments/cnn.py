@@ -23,9 +23,9 @@ import numpy as np
 
 from cnn.data import CLASS_NAMES, DEFAULT_NPZ, DataError, load
 from cnn.model import count_params
-from cnn.plots import plot_confusion, plot_curves
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from experiments._checkpoint import Checkpoints, is_checkpoint_dir
+from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import tune_cpu
 from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
 

@@ -23,10 +23,11 @@ from p2g.decode import beam_search, decode
 from p2g.model import Seq2Seq, sequence_loss
 
 
-def batch_widths(data: Batchable, index: np.ndarray) -> tuple[int, int]:
-    """(source width, target width) for the examples ``index``: longest, rounded up to 8."""
-    src_w = round_up(int(data.src_len[index].max()))
-    tgt_w = round_up(int((data.tgt_out[index] != PAD).sum(axis=1).max()))
+def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple[int, int]:
+    """(source width, target width) for the examples ``index``: longest, rounded up to
+    ``multiple`` (1: the exact longest)."""
+    src_w = round_up(int(data.src_len[index].max()), multiple)
+    tgt_w = round_up(int((data.tgt_out[index] != PAD).sum(axis=1).max()), multiple)
     return min(src_w, data.src.shape[1]), min(tgt_w, data.tgt_out.shape[1])
 
 

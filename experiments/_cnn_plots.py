@@ -6,19 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from experiments._plots import pyplot
 
 
 def plot_curves(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path]:
     """``runs``: label -> per-epoch dicts with ``train_loss`` and ``val_acc``; one figure each."""
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     for key, ylabel, name in (
         ("train_loss", "training loss (NLL)", "training_loss.png"),
@@ -44,7 +37,7 @@ def plot_curves(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path
 
 
 def plot_confusion(counts: np.ndarray, class_names, out: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 5))
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
