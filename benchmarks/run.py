@@ -248,8 +248,8 @@ def p2g_rows(quick: bool) -> list[Row]:
     encode_flops = n * p2g_forward_flops(1, S_mean, 0, H, V, True)
     greedy_flops = encode_flops + generated * step_flops
     repeated = encode_pairs(valid_pairs * 3, src_vocab, tgt_vocab)
-    greedy = lambda: trainer.decode(state[0], valid, tgt_vocab, batch=n)
-    nucleus = lambda: trainer.decode(state[0], repeated, tgt_vocab, top_p=0.8, batch=3 * n)
+    greedy = lambda: trainer.decode(state[0], valid, tgt_vocab, max_len=max_len, batch=n)
+    nucleus = lambda: trainer.decode(state[0], repeated, tgt_vocab, top_p=0.8, max_len=max_len, batch=3 * n)
     batched = loop = sampled = None
     agree = ""
     if torch is not None:
