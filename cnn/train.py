@@ -13,8 +13,8 @@ step inside a while loop ran 6.5x slower (39 vs 263 images/s, baseline, batch 8,
 
 Batches are drawn from a per-epoch permutation seeded by (seed, epoch) and dropout keys by
 (seed, epoch, step), so a run resumed from an epoch checkpoint repeats exactly what an
-uninterrupted one would have done. The batch axis is sharded over all local devices
-(data parallelism through ``jax.sharding``); parameters are replicated.
+uninterrupted one would have done. The batch axis is sharded over the devices (data parallelism
+through ``jax.sharding``, :func:`default_devices`); parameters are replicated.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnn.model import CNN, NUM_CLASSES
+
+
+def default_devices() -> list:
+    """All local accelerators; on a CPU, one device. XLA:CPU host devices (which
+    :mod:`experiments.p2g` creates to use two cores) would sync this step's gradient through
+    XLA:CPU's in-process all-reduce, which deadlocked here (docs/performance.md)."""
+    devices = jax.local_devices()
+    return devices if devices[0].platform != "cpu" else devices[:1]
 
 
 class TrainState(NamedTuple):
@@ -56,7 +64,7 @@ class Trainer:
     """Holds what is static for a run (graphs, optimiser, mesh) and the jitted pure functions."""
 
     def __init__(self, batch_norm: bool, lr: float, batch_size: int, seed: int = 0, devices=None):
-        devices = list(devices if devices is not None else jax.local_devices())
+        devices = list(devices if devices is not None else default_devices())
         if batch_size % len(devices):
             raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} devices")
         self.batch_norm, self.lr, self.batch_size, self.seed = batch_norm, lr, batch_size, seed

