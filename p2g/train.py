@@ -47,9 +47,6 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
-TRAIN_WIDTH_MULTIPLE = 4  # training batches: 10 shapes on the homework split, 10% more steps than exact widths
-
-
 class Trainer:
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
                  lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None):
@@ -116,7 +113,7 @@ class Trainer:
             return self._train_epoch_sharded(state, data, epoch, progress)
         losses = []
         for index in self.epoch_batches(len(data), epoch):
-            S, T = batch_widths(data, index, TRAIN_WIDTH_MULTIPLE)
+            S, T = batch_widths(data, index)
             state, loss = self._step(
                 state, data.src[index, :S], data.src_len[index], data.tgt_in[index, :T], data.tgt_out[index, :T]
             )
@@ -137,7 +134,7 @@ class Trainer:
             results = []
             for shard, (part, device, params) in enumerate(zip(np.array_split(index, len(self.devices)),
                                                                self.devices, replicas)):
-                S, T = batch_widths(data, part, TRAIN_WIDTH_MULTIPLE)
+                S, T = batch_widths(data, part)
                 batch = jax.device_put((data.src[part, :S], data.src_len[part], data.tgt_in[part, :T],
                                         data.tgt_out[part, :T]), device)
                 results.append(self._shard_grad(params, *batch, step, shard, tokens))
