@@ -93,7 +93,9 @@ def cmd_train(args, log) -> int:
     if resuming:
         state, meta = latest.restore(trainer.abstract_state())
         if meta["config"] != config:
-            raise UserError(f"{args.out} holds a run with other settings or data; choose another --out")
+            differ = sorted(k for k in config.keys() | meta["config"].keys() if config.get(k) != meta["config"].get(k))
+            raise UserError(f"{args.out} holds a run with other settings or data ({', '.join(differ)}); "
+                            "choose another --out")
         log(f"resuming after epoch {len(meta['history'])}")
     name = "attention" if args.attn else "no attention"
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid pairs from {source}; "

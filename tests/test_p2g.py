@@ -268,6 +268,8 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     strip = lambda h: [(e["train_loss"], e["val_cer"]) for e in h["history"]]
     assert strip(a) == strip(b)
     assert (tmp_path / "a" / "val_cer.png").stat().st_size > 1000
+    with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(devices\)"):  # the shard count picks dropout keys
+        p2g_cli.main([*common, "--epochs", "4", "--devices", "3", "--out", str(tmp_path / "a")])
     capsys.readouterr()
     word = (data_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")[1]
     with (data_dir / "test.tsv").open("a", encoding="utf-8") as f:
