@@ -319,9 +319,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.xla_defaults:
         tune_cpu()  # before the first computation
-    request_cpu_devices(max(args.p2g_devices or 0, 2))  # as experiments.p2g does; the other rows use device 0
     if args.rounds < 1 or args.p2g_rounds < 1 or (args.p2g_devices is not None and args.p2g_devices < 1):
         parser.error("--rounds, --p2g-rounds and --p2g-devices must be at least 1")
+    request_cpu_devices(args.p2g_devices)  # as experiments.p2g does; the other rows use device 0
     rounds = 1 if args.quick else args.rounds
     torch_desc = f"torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "torch not installed"
     print(f"machine: {os.cpu_count()} CPU(s); jax {jax.__version__} on {jax.devices()[0].device_kind} "

@@ -30,15 +30,16 @@ def tune_cpu() -> list[str]:
     return added
 
 
-def request_cpu_devices(n: int) -> None:
-    """Ask XLA:CPU for ``n`` host devices, each running its programs on a thread of its own, so
-    that :class:`p2g.train.Trainer` can run ``n`` shards of a batch at once (docs/performance.md).
-    Only possible before the first computation; after it this changes nothing and the devices
-    already there are used. Costs nothing where a run uses one device, or an accelerator."""
+def request_cpu_devices(n: int | None = None) -> None:
+    """Ask XLA:CPU for host devices, each running its programs on a thread of its own, so that
+    :class:`p2g.train.Trainer` can run shards of a batch at once (docs/performance.md): ``n``, and
+    at least 2 where the machine has 2 cores (the default split). Only possible before the first
+    computation; after it this changes nothing and the devices already there are used. Costs
+    nothing where a run uses one device, or an accelerator."""
     import jax
 
     try:
-        jax.config.update("jax_num_cpu_devices", max(n, 1))
+        jax.config.update("jax_num_cpu_devices", max(n or 0, min(2, os.cpu_count() or 1)))
     except RuntimeError:  # the backend is up already
         pass
 

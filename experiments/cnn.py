@@ -253,12 +253,11 @@ def main(argv=None) -> int:
     tune_cpu()  # before the first computation (see experiments/_xla.py)
     if args.out is None:
         args.out = Path("runs/cnn-bn" if args.batch_norm else "runs/cnn")
-    import jax
-
     from cnn.train import default_devices
 
-    if args.batch_size % len(default_devices()):
-        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {len(default_devices())} devices")
+    devices = len(default_devices())
+    if args.batch_size % devices:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {devices} devices")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     return cmd_evaluate(args, log) if args.evaluate else cmd_train(args, log)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -281,7 +280,7 @@ def main(argv=None) -> int:
             args.out = Path("runs/p2g-attn" if args.attn else "runs/p2g-no-attn")
         if args.devices is not None and args.devices > args.batch_size:
             parser.error(f"--devices {args.devices} is more than --batch-size {args.batch_size}")
-        request_cpu_devices(max(args.devices or 0, min(2, os.cpu_count() or 1)))
+        request_cpu_devices(args.devices)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     return cmd_train(args, log) if args.command == "train" else cmd_test(args, log)
 

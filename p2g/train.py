@@ -12,7 +12,7 @@ shards, shard i goes to ``devices[i]`` with its own copy of the parameters and d
 fold_in(key, i), every device computes the gradient of sum(nll of its shard) / (tokens in the whole
 batch), and ``devices[0]`` adds the N gradients (their sum is the gradient of the batch's mean
 loss) and applies Adam. JAX dispatches asynchronously, so the shards run at the same time; on a
-CPU each XLA host device runs on its own core (:func:`experiments._xla.use_cpu_devices`), which
+CPU each XLA host device runs on its own core (:func:`experiments._xla.request_cpu_devices`), which
 is how this loop uses both cores of a small machine whose LSTM kernels run one core each. The
 same device may appear twice (the shards then run one after the other, same numbers).
 """
@@ -108,43 +108,42 @@ class Trainer:
         return np.split(perm, steps)
 
     def train_epoch(self, state: TrainState, data: Batchable, epoch: int, progress=None):
-        """One pass over ``data`` in seeded batches: (state, mean of the batches' losses)."""
-        if len(self.devices) > 1:
-            return self._train_epoch_sharded(state, data, epoch, progress)
-        losses = []
-        for index in self.epoch_batches(len(data), epoch):
-            S, T = batch_widths(data, index)
-            state, loss = self._step(
-                state, data.src[index, :S], data.src_len[index], data.tgt_in[index, :T], data.tgt_out[index, :T]
-            )
-            losses.append(loss)
-            if progress is not None:
-                progress(1)
-        return state, float(jnp.mean(jnp.stack(losses)))
-
-    def _train_epoch_sharded(self, state: TrainState, data: Batchable, epoch: int, progress=None):
-        """:meth:`train_epoch` over ``self.devices``; each shard is cut to its own widths. The step
-        number comes from the host (one sync an epoch) so no device waits on another's scalar."""
-        home, others = self.devices[0], self.devices[1:]
-        state = jax.device_put(state, home)
+        """One pass over ``data`` in seeded batches: (state, mean of the batches' losses). The step
+        number is counted on the host (one sync an epoch), so with several devices none waits on
+        another's scalar to derive its dropout key."""
+        train_batch = self._train_batch if len(self.devices) == 1 else self._train_batch_sharded
+        state = jax.device_put(state, self.devices[0])
         step, losses = int(state.step), []
         for index in self.epoch_batches(len(data), epoch):
-            tokens = max(int(np.sum(data.tgt_out[index] != PAD)), 1)
-            replicas = [state.params] + [jax.device_put(state.params, device) for device in others]
-            results = []
-            for shard, (part, device, params) in enumerate(zip(np.array_split(index, len(self.devices)),
-                                                               self.devices, replicas)):
-                S, T = batch_widths(data, part)
-                batch = jax.device_put((data.src[part, :S], data.src_len[part], data.tgt_in[part, :T],
-                                        data.tgt_out[part, :T]), device)
-                results.append(self._shard_grad(params, *batch, step, shard, tokens))
-            shard_losses, grads = zip(*jax.device_put(results, home))
-            state, loss = self._apply(state, list(shard_losses), list(grads))
+            state, loss = train_batch(state, data, index, step)
             losses.append(loss)
             step += 1
             if progress is not None:
                 progress(1)
         return state, float(jnp.mean(jnp.stack(losses)))
+
+    @staticmethod
+    def _batch(data: Batchable, index: np.ndarray):
+        """(src, src_len, tgt_in, tgt_out) of the examples ``index``, cut to their :func:`batch_widths`."""
+        S, T = batch_widths(data, index)
+        return data.src[index, :S], data.src_len[index], data.tgt_in[index, :T], data.tgt_out[index, :T]
+
+    def _train_batch(self, state: TrainState, data: Batchable, index: np.ndarray, step: int):
+        """One device: the fused step (its key comes from ``state.step``, equal to ``step``)."""
+        return self._step(state, *self._batch(data, index))
+
+    def _train_batch_sharded(self, state: TrainState, data: Batchable, index: np.ndarray, step: int):
+        """The batch split over ``self.devices``, each shard cut to its own widths."""
+        home, others = self.devices[0], self.devices[1:]
+        tokens = max(int(np.sum(data.tgt_out[index] != PAD)), 1)
+        replicas = [state.params] + [jax.device_put(state.params, device) for device in others]
+        results = []
+        for shard, (part, device, params) in enumerate(zip(np.array_split(index, len(self.devices)),
+                                                           self.devices, replicas)):
+            batch = jax.device_put(self._batch(data, part), device)
+            results.append(self._shard_grad(params, *batch, step, shard, tokens))
+        shard_losses, grads = zip(*jax.device_put(results, home))
+        return self._apply(state, list(shard_losses), list(grads))
 
     def loss(self, state: TrainState, data: Batchable) -> float:
         """Mean teacher-forced loss in eval mode (no dropout) over all target tokens."""
