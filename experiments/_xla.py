@@ -1,7 +1,15 @@
 """XLA:CPU settings for the CNN, chosen by measurement (``python -m benchmarks.run``,
 docs/performance.md): convolutions through oneDNN, and the YNNPACK library (jaxlib's default
-for CPU convolutions and fusions) kept for plain dots only. On 2 cores this took the baseline
-CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442 at batch 64.
+for CPU convolutions and fusions) kept for plain dots and for reductions. On 2 cores this took
+the baseline CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442 at
+batch 64. Reductions through YNNPACK keep XLA from rewriting each large sum (BatchNorm
+statistics, bias gradients) into a slow ``reduce-window`` tree: the BN CNN's step at batch 64
+went from about 150 to 115 ms.
+
+:func:`retain_freed_memory` keeps the C allocator from handing large freed buffers back to the
+kernel, which otherwise maps them afresh (and page-faults them in) on every training step. Only
+the CNN's tool applies it: with its single malloc arena the P2G step, split over two devices
+that allocate from two threads at once, ran 30% slower (docs/performance.md).
 
 XLA reads ``XLA_FLAGS`` once, when the first computation initialises the backend, so
 :func:`tune_cpu` must run before any array is created. A flag the user already set in
@@ -10,10 +18,13 @@ XLA reads ``XLA_FLAGS`` once, when the first computation initialises the backend
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 
 CPU_FLAGS = {
-    "--xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    "--xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
     "--xla_cpu_use_onednn": "true",
 }
 
@@ -28,6 +39,34 @@ def tune_cpu() -> list[str]:
     if added:
         os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
+
+
+# mallopt(3) parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel: one arena,
+    no ``mmap``-ed blocks, no trimming of the heap. Returns whether the settings took.
+
+    Why: XLA:CPU allocates each step's buffers afresh. glibc serves a request of more than
+    64 MiB from a worker thread (the BN CNN's step at batch 64 asks for two of about 80 MiB)
+    with a fresh ``mmap`` and unmaps it on free, so every step page-faulted about 80 MB in
+    again: 20,000 minor faults a step, 30 ms of a 175 ms step. With one arena and ``mmap``
+    off, those blocks come from the heap and stay there: no faults after the first step.
+    The process keeps its peak heap until it exits. Must run before the first computation (the
+    XLA threads pick their arena on their first allocation). No-op away from glibc, and with
+    ``HW2_XLA_DEFAULTS=1``."""
+    if os.environ.get("HW2_XLA_DEFAULTS") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def request_cpu_devices(n: int | None = None) -> None:
