@@ -77,12 +77,12 @@ def main(argv=None) -> None:
     for i in range(3):  # compile, warm up
         jax.block_until_ready(step(i))
     times = []
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for i in range(args.steps):
         tick = time.perf_counter()
         jax.block_until_ready(step(i))
         times.append(time.perf_counter() - tick)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps
     per_step = statistics.median(times)
     print(f"{'BN' if args.batch_norm else 'baseline'} CNN, batch {B}: {per_step * 1e3:.1f} ms/step "
           f"({B / per_step:.0f} images/s), {faults:.0f} minor page faults/step")
