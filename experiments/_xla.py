@@ -1,9 +1,10 @@
 """XLA:CPU settings for the CNN, chosen by measurement (``python -m benchmarks.run``,
 docs/performance.md): convolutions through oneDNN, and the YNNPACK library (jaxlib's default
-for CPU convolutions and fusions) kept for plain dots only. On 2 cores this took the baseline
-CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442 at batch 64.
-(Reductions through YNNPACK too, ``LIBRARY_FUSION_TYPE_REDUCE``, made the BN step at batch 64
-about 20% faster but are left off: docs/performance.md, item 7.)
+for CPU convolutions and fusions) kept for plain dots and reductions. On 2 cores this took the
+baseline CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442 at batch
+64; the reductions (BatchNorm statistics and their gradients, which XLA:CPU otherwise
+rewrites into slow reduce-window trees) took the BN step at batch 64 from 123 to 91 ms
+(docs/performance.md, item 7).
 
 :func:`retain_freed_memory` keeps the C allocator from handing large freed buffers back to the
 kernel, which otherwise maps them afresh (and page-faults them in) on every training step. Only
@@ -23,7 +24,7 @@ import os
 import sys
 
 CPU_FLAGS = {
-    "--xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    "--xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
     "--xla_cpu_use_onednn": "true",
 }
 
