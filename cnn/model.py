@@ -14,6 +14,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 NUM_CLASSES = 6
@@ -29,7 +30,7 @@ def _windows(x: jax.Array) -> jax.Array:
 
 
 # Position code of each pixel of a window, row-major: [[0, 1], [2, 3]], broadcast against _windows.
-_WINDOW_CODES = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)
+_WINDOW_CODES = np.arange(4, dtype=np.int8).reshape(1, 1, 2, 1, 2, 1)
 
 
 @jax.custom_vjp
