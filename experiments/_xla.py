@@ -1,6 +1,6 @@
 """XLA:CPU settings for the CNN, chosen by measurement (``python -m benchmarks.run``,
-docs/performance.md): convolutions through oneDNN, and the YNNPACK library (jaxlib's default
-for CPU convolutions and fusions) kept for plain dots and reductions. On 2 cores this took the
+docs/performance.md): the YNNPACK library (jaxlib's default for CPU convolutions and fusions)
+kept for plain dots and reductions, so that XLA runs the convolutions itself. On 2 cores this took the
 baseline CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442 at batch
 64; the reductions (BatchNorm statistics and their gradients, which XLA:CPU otherwise
 rewrites into slow reduce-window trees) took the BN step at batch 64 from 123 to 91 ms
@@ -25,8 +25,9 @@ import sys
 
 CPU_FLAGS = {
     "--xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-    "--xla_cpu_use_onednn": "true",
 }
+# Not set: --xla_cpu_use_onednn=true. With jaxlib 0.10.2 the CNN's training steps compile to the
+# same program with it as without (no oneDNN calls), so it changed nothing (docs/performance.md).
 
 
 def tune_cpu() -> list[str]:

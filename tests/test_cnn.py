@@ -344,11 +344,16 @@ def test_tfds_builder_matches_the_direct_reader(tmp_path):
 def test_tuned_xla_flags_respect_the_users(monkeypatch):
     from experiments._xla import CPU_FLAGS, tune_cpu
 
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=false --xla_force_host_platform_device_count=2")
+    ours = "--xla_cpu_experimental_ynn_fusion_type"
+    users = f"{ours}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    monkeypatch.setenv("XLA_FLAGS", f"{users} --xla_force_host_platform_device_count=2")
     added = tune_cpu()
     flags = os.environ["XLA_FLAGS"].split()
-    assert "--xla_cpu_use_onednn=false" in flags and "--xla_cpu_use_onednn=true" not in flags
-    assert added == [f"{k}={v}" for k, v in CPU_FLAGS.items() if k != "--xla_cpu_use_onednn"]
+    assert users in flags and [f for f in flags if f.startswith(ours)] == [users]
+    assert added == [f"{k}={v}" for k, v in CPU_FLAGS.items() if k != ours]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert tune_cpu() == [f"{k}={v}" for k, v in CPU_FLAGS.items()]
+    assert os.environ["XLA_FLAGS"].split()[0] == "--xla_force_host_platform_device_count=2"
     assert tune_cpu() == []  # idempotent
     monkeypatch.setenv("HW2_XLA_DEFAULTS", "1")
     monkeypatch.setenv("XLA_FLAGS", "")
