@@ -1,8 +1,8 @@
 """XLA:CPU settings for the CNN, chosen by measurement (``python -m benchmarks.run``,
 docs/performance.md): the YNNPACK library (jaxlib's default for CPU convolutions and fusions)
-kept for plain dots and reductions, so that XLA runs the convolutions itself. On 2 cores this took the
-baseline CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442 at batch
-64; the reductions (BatchNorm statistics and their gradients, which XLA:CPU otherwise
+kept for plain dots and reductions, so that XLA runs the convolutions itself. On 2 cores this
+took the baseline CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442
+at batch 64; the reductions (BatchNorm statistics and their gradients, which XLA:CPU otherwise
 rewrites into slow reduce-window trees) took the BN step at batch 64 from 123 to 91 ms
 (docs/performance.md, item 7).
 

@@ -91,6 +91,12 @@ def test_max_pool_gives_a_tied_window_gradient_to_its_first_maximum():
     np.testing.assert_array_equal(routed, np.eye(4)[winners] * np.arange(1.0, 6.0)[:, None])
 
 
+def feeds_batch_norm(name: str) -> bool:
+    """Whether the parameter at path ``name`` is a conv bias of the BN variant's blocks: its true
+    gradient is 0 (the norm removes any shift), so what it receives is rounding noise."""
+    return "blocks" in name and "conv" in name and "bias" in name
+
+
 def test_jitted_bn_model_gradient_matches_central_differences(x64):
     """In float64 the jitted gradient of the BN model, leaf by leaf, must give the loss's
     directional derivative along a random direction (central differences, step 1e-7; they
@@ -114,8 +120,8 @@ def test_jitted_bn_model_gradient_matches_central_differences(x64):
     flat, treedef = jax.tree.flatten(params)
     names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for i, (name, g) in enumerate(zip(names, jax.tree.leaves(grads))):
-        if "blocks" in name and "conv" in name and "bias" in name:
-            continue  # true gradient 0 (BatchNorm follows)
+        if feeds_batch_norm(name):
+            continue
         direction = rng.standard_normal(flat[i].shape)
         shifted = lambda eps: jax.tree.unflatten(treedef, [leaf + eps * direction if j == i else leaf for j, leaf in enumerate(flat)])
         numeric = (float(loss(shifted(1e-7))) - float(loss(shifted(-1e-7)))) / 2e-7
@@ -247,13 +253,11 @@ def test_vmapped_sweep_follows_the_sequential_runs(tiny_npz, tmp_path):
 def test_vmapped_step_of_the_bn_variant_matches_its_members():
     """One vmapped SGD step per member equals that member's own step: each member's parameter
     update (new - initial) agrees with its own to 1e-4 of the leaf's largest update (plus the
-    rounding of the parameters themselves). The vmapped
-    and the plain program may sum in different orders; float32 gradients of this step are within
-    1.4e-5 (the shipped XLA flags) to 3.4e-5 (XLA's defaults) of a float64 reference, relative
-    to the leaf's largest entry, so 1e-4 leaves room for rounding and none for a member trained
-    with another's learning rate. Conv biases feeding a BatchNorm are
-    left out: their true gradient is 0 (the norm removes any shift), so what they receive is
-    rounding noise in either program."""
+    rounding of the parameters themselves). The vmapped and the plain program may sum in
+    different orders; float32 gradients of this step are within 1.4e-5 (the shipped XLA flags)
+    to 3.4e-5 (XLA's defaults) of a float64 reference, relative to the leaf's largest entry, so
+    1e-4 leaves room for rounding and none for a member trained with another's learning rate.
+    Conv biases feeding a BatchNorm (:func:`feeds_batch_norm`) are left out."""
     from cnn import SweepTrainer
 
     data = tiny_splits(n_train=16)
@@ -265,13 +269,14 @@ def test_vmapped_step_of_the_bn_variant_matches_its_members():
     state, losses = sweep._train_step(state, images, labels, index, key, sweep._lrs)
     for i, lr in enumerate(lrs):
         trainer = Trainer(True, lr, 8)
-        initial = [np.array(leaf) for leaf in jax.tree.leaves(trainer.init_state().params)]  # before donation
-        alone, loss = trainer._train_step(trainer.init_state(), images, labels, index, key)
+        start = trainer.init_state()
+        initial = [np.array(leaf) for leaf in jax.tree.leaves(start.params)]  # copied: the step donates start
+        alone, loss = trainer._train_step(start, images, labels, index, key)
         assert float(losses[i]) == pytest.approx(float(loss), rel=1e-6)
         ours = jax.tree_util.tree_flatten_with_path(sweep.member(state, i).params)[0]
         for (path, a), b, start in zip(ours, jax.tree.leaves(alone.params), initial):
             name = jax.tree_util.keystr(path)
-            if "blocks" in name and "conv" in name and "bias" in name:
+            if feeds_batch_norm(name):
                 continue
             update_a, update_b = np.asarray(a) - np.asarray(start), np.asarray(b) - np.asarray(start)
             assert np.abs(update_b).max() > 0, name
