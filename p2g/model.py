@@ -25,22 +25,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from p2g.data import PAD
+from p2g.lstm import lstm_layer
 
 
 def masked_lstm_scan(cell: nnx.OptimizedLSTMCell, inputs, lengths, carry):
-    """Run ``cell`` over time with ``lax.scan``; steps at t >= length leave the carry unchanged
-    and output 0. ``inputs`` (B,S,D), ``lengths`` (B,) -> (final carry at each sequence's last
-    real step, outputs (B,S,H))."""
-    steps = jnp.arange(inputs.shape[1])
-
-    def step(carry, xs):
-        x_t, t = xs
-        new_carry, h = cell(carry, x_t)
-        alive = (t < lengths)[:, None]
-        carry = jax.tree.map(lambda new, old: jnp.where(alive, new, old), new_carry, carry)
-        return carry, jnp.where(alive, h, 0.0)
-
-    carry, outputs = jax.lax.scan(step, carry, (jnp.swapaxes(inputs, 0, 1), steps))
+    """Run ``cell`` over time; steps at t >= length leave the carry unchanged and output 0.
+    ``inputs`` (B,S,D), ``lengths`` (B,) -> (final carry at each sequence's last real step,
+    outputs (B,S,H)). One ``lax.scan`` with the cell's parameters, and a gradient of our own
+    (:func:`p2g.lstm.lstm_layer`): the same function as calling ``cell`` step by step."""
+    alive = jnp.arange(inputs.shape[1])[:, None] < lengths[None, :]  # (S,B)
+    carry, outputs = lstm_layer(cell.dense_i.kernel[...], cell.dense_h.kernel[...], cell.dense_h.bias[...],
+                                jnp.swapaxes(inputs, 0, 1), alive, carry)
     return carry, jnp.swapaxes(outputs, 0, 1)
 
 
