@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def _gates(gx_t, h, c, kernel_h):
@@ -104,3 +105,19 @@ def _backward(residuals, cotangents):
 
 
 lstm_layer.defvjp(_forward, _backward)
+
+
+def stepped_cell_scan(cell: nnx.OptimizedLSTMCell, inputs, lengths, carry):
+    """The definition :func:`lstm_layer` implements, written the plain way: ``cell`` called step
+    by step inside ``lax.scan``, its gradient left to autodiff. ``inputs`` (B,S,D), ``lengths``
+    (B,) -> (final carry, outputs (B,S,H)). What the tests check :func:`lstm_layer` against and
+    ``python -m benchmarks.p2g_lstm`` times it against."""
+
+    def step(carry, xs):
+        x_t, t = xs
+        new_carry, h = cell(carry, x_t)
+        alive = (t < lengths)[:, None]
+        return jax.tree.map(lambda new, old: jnp.where(alive, new, old), new_carry, carry), jnp.where(alive, h, 0.0)
+
+    carry, outputs = jax.lax.scan(step, carry, (jnp.swapaxes(inputs, 0, 1), jnp.arange(inputs.shape[1])))
+    return carry, jnp.swapaxes(outputs, 0, 1)

@@ -18,6 +18,7 @@ from p2g import (
     nucleus_probabilities, read_tsv, wer, wer_at_k,
 )
 from p2g.data import DataError, ReadReport
+from p2g.lstm import stepped_cell_scan
 from p2g.model import masked_lstm_scan, reverse_within_length, sequence_loss
 from tests.conftest import run_cli
 
@@ -81,16 +82,6 @@ def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64):
     carry0 = (jnp.asarray(rng.standard_normal((4, 4))), jnp.asarray(rng.standard_normal((4, 4))))
     w_out, w_c, w_h = (jnp.asarray(rng.standard_normal(s)) for s in ((4, 7, 4), (4, 4), (4, 4)))
 
-    def reference_scan(cell, inputs, lengths, carry):
-        def step(carry, xs):
-            x_t, t = xs
-            new_carry, h = cell(carry, x_t)
-            alive = (t < lengths)[:, None]
-            return jax.tree.map(lambda a, b: jnp.where(alive, a, b), new_carry, carry), jnp.where(alive, h, 0.0)
-
-        carry, out = jax.lax.scan(step, carry, (jnp.swapaxes(inputs, 0, 1), jnp.arange(inputs.shape[1])))
-        return carry, jnp.swapaxes(out, 0, 1)
-
     def objective(scan):
         def f(params, x, carry):
             (c, h), out = scan(nnx.merge(graph, params), x, lengths, carry)
@@ -98,7 +89,7 @@ def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64):
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
     value, grads = objective(masked_lstm_scan)(params, x, carry0)
-    ref_value, ref_grads = objective(reference_scan)(params, x, carry0)
+    ref_value, ref_grads = objective(stepped_cell_scan)(params, x, carry0)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     flat, ref_flat = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
     assert len(flat) == len(ref_flat) == 6  # W_x, W_h, b, inputs, c0, h0
@@ -108,6 +99,17 @@ def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64):
     # a sequence of length 0 passes its initial carry through: its gradient is the objective's
     np.testing.assert_allclose(grads[2][0][2], w_c[2], rtol=1e-12)
     assert not np.any(np.asarray(grads[1][2]))  # and its inputs get none
+
+
+def test_lstm_benchmark_times_both_gradients_and_finds_them_equal(capsys):
+    """``python -m benchmarks.p2g_lstm`` end to end on a tiny shard: both versions timed, and
+    the model's float32 gradients with the written-out LSTM gradient agree with autodiff's."""
+    from benchmarks import p2g_lstm
+
+    p2g_lstm.main(["--batch-size", "4", "--src-len", "5", "--tgt-len", "6", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "written-out gradient" in out and "autodiff of the stepped cell" in out
+    assert float(out.rsplit("at most ", 1)[1].split()[0]) < 1e-5
 
 
 def test_reverse_within_length_is_an_involution():
