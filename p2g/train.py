@@ -15,6 +15,9 @@ loss) and applies Adam. JAX dispatches asynchronously, so the shards run at the 
 CPU each XLA host device runs on its own core (:func:`experiments._xla.request_cpu_devices`), which
 is how this loop uses both cores of a small machine whose LSTM kernels run one core each. The
 same device may appear twice (the shards then run one after the other, same numbers).
+Parameters and gradients cross between devices as one flat vector each (``ravel_pytree``): one
+transfer and one dispatch argument instead of one per parameter array, which on a 2-core machine
+gives the host thread's time back to the devices (docs/performance.md, item 11).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from p2g.data import PAD, Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
@@ -60,9 +64,11 @@ class Trainer:
         self.train_graph, self._params = nnx.split(model, nnx.Param)
         model.eval()
         self.eval_graph, _ = nnx.split(model, nnx.Param)
+        self._unravel = ravel_pytree(self._params)[1]  # flat vector -> parameters (sharded steps)
         self._step = jax.jit(self._step_impl, donate_argnums=0)
         self._shard_grad = jax.jit(self._shard_grad_impl)
         self._apply = jax.jit(self._apply_impl, donate_argnums=0)
+        self._ravel = jax.jit(lambda params: ravel_pytree(params)[0])
         self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"))
         self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"))
 
@@ -91,14 +97,20 @@ class Trainer:
                                                      self._key(state.step), tokens)
         return self._update(state, grads), loss
 
-    def _shard_grad_impl(self, params, src, src_len, tgt_in, tgt_out, step, shard, tokens):
-        """Shard ``shard`` of batch ``step``: its share of the loss and of the gradient."""
+    def _shard_grad_impl(self, flat_params, src, src_len, tgt_in, tgt_out, step, shard, tokens):
+        """Shard ``shard`` of batch ``step``: its share of the loss and of the gradient. Parameters
+        and gradient travel as one flat vector each (one transfer between devices, not one a
+        parameter array)."""
         key = jax.random.fold_in(self._key(step), shard)
-        return jax.value_and_grad(self._loss)(params, src, src_len, tgt_in, tgt_out, key, tokens)
+        loss, grads = jax.value_and_grad(self._loss)(self._unravel(flat_params), src, src_len, tgt_in, tgt_out,
+                                                     key, tokens)
+        return loss, ravel_pytree(grads)[0]
 
-    def _apply_impl(self, state: TrainState, losses, grads):
-        """Sum the shards' losses and gradients (lists, all on devices[0]) and update."""
-        return self._update(state, jax.tree.map(lambda *g: sum(g), *grads)), sum(losses)
+    def _apply_impl(self, state: TrainState, losses, flat_grads):
+        """Sum the shards' losses and flat gradients (lists, all on devices[0]) and update:
+        (state, loss, the new parameters as a flat vector)."""
+        state = self._update(state, self._unravel(sum(flat_grads)))
+        return state, sum(losses), ravel_pytree(state.params)[0]
 
     def epoch_batches(self, n: int, epoch: int) -> list[np.ndarray]:
         """Seeded permutation cut into full batches; the last one completed from the start."""
@@ -111,11 +123,14 @@ class Trainer:
         """One pass over ``data`` in seeded batches: (state, mean of the batches' losses). The step
         number is counted on the host (one sync an epoch), so with several devices none waits on
         another's scalar to derive its dropout key."""
-        train_batch = self._train_batch if len(self.devices) == 1 else self._train_batch_sharded
         state = jax.device_put(state, self.devices[0])
         step, losses = int(state.step), []
+        flat = self._ravel(state.params) if len(self.devices) > 1 else None
         for index in self.epoch_batches(len(data), epoch):
-            state, loss = train_batch(state, data, index, step)
+            if flat is None:
+                state, loss = self._train_batch(state, data, index, step)
+            else:
+                state, loss, flat = self._train_batch_sharded(state, flat, data, index, step)
             losses.append(loss)
             step += 1
             if progress is not None:
@@ -132,11 +147,12 @@ class Trainer:
         """One device: the fused step (its key comes from ``state.step``, equal to ``step``)."""
         return self._step(state, *self._batch(data, index))
 
-    def _train_batch_sharded(self, state: TrainState, data: Batchable, index: np.ndarray, step: int):
-        """The batch split over ``self.devices``, each shard cut to its own widths."""
+    def _train_batch_sharded(self, state: TrainState, flat, data: Batchable, index: np.ndarray, step: int):
+        """The batch split over ``self.devices``, each shard cut to its own widths; ``flat`` is
+        ``state.params`` as one vector. Returns (state, loss, the new flat parameters)."""
         home, others = self.devices[0], self.devices[1:]
         tokens = max(int(np.sum(data.tgt_out[index] != PAD)), 1)
-        replicas = [state.params] + [jax.device_put(state.params, device) for device in others]
+        replicas = [flat] + [jax.device_put(flat, device) for device in others]
         results = []
         for shard, (part, device, params) in enumerate(zip(np.array_split(index, len(self.devices)),
                                                            self.devices, replicas)):
