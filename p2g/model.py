@@ -33,6 +33,8 @@ def masked_lstm_scan(cell: nnx.OptimizedLSTMCell, inputs, lengths, carry):
     ``inputs`` (B,S,D), ``lengths`` (B,) -> (final carry at each sequence's last real step,
     outputs (B,S,H)). One ``lax.scan`` with the cell's parameters, and a gradient of our own
     (:func:`p2g.lstm.lstm_layer`): the same function as calling ``cell`` step by step."""
+    chex.assert_rank([inputs, lengths], [3, 1])
+    chex.assert_equal_shape_prefix([inputs, lengths], 1)
     alive = jnp.arange(inputs.shape[1])[:, None] < lengths[None, :]  # (S,B)
     carry, outputs = lstm_layer(cell.dense_i.kernel[...], cell.dense_h.kernel[...], cell.dense_h.bias[...],
                                 jnp.swapaxes(inputs, 0, 1), alive, carry)
