@@ -125,12 +125,13 @@ class Trainer:
         another's scalar to derive its dropout key."""
         state = jax.device_put(state, self.devices[0])
         step, losses = int(state.step), []
-        flat = self._ravel(state.params) if len(self.devices) > 1 else None
+        sharded = len(self.devices) > 1
+        flat = self._ravel(state.params) if sharded else None  # the parameters as the shards take them
         for index in self.epoch_batches(len(data), epoch):
-            if flat is None:
-                state, loss = self._train_batch(state, data, index, step)
-            else:
+            if sharded:
                 state, loss, flat = self._train_batch_sharded(state, flat, data, index, step)
+            else:
+                state, loss = self._train_batch(state, data, index, step)
             losses.append(loss)
             step += 1
             if progress is not None:

@@ -276,13 +276,13 @@ def test_vmapped_step_of_the_bn_variant_matches_its_members():
         alone, loss = trainer._train_step(start, images, labels, index, key)
         assert float(losses[i]) == pytest.approx(float(loss), rel=1e-6)
         ours = jax.tree_util.tree_flatten_with_path(sweep.member(state, i).params)[0]
-        for (path, a), b, start in zip(ours, jax.tree.leaves(alone.params), initial):
+        for (path, a), b, before in zip(ours, jax.tree.leaves(alone.params), initial):
             name = jax.tree_util.keystr(path)
             if feeds_batch_norm(name):
                 continue
-            update_a, update_b = np.asarray(a) - np.asarray(start), np.asarray(b) - np.asarray(start)
+            update_a, update_b = np.asarray(a) - before, np.asarray(b) - before
             assert np.abs(update_b).max() > 0, name
-            ulps = 4 * np.finfo(np.float32).eps * np.abs(start).max()  # new - initial is rounded to the parameter's ulp
+            ulps = 4 * np.finfo(np.float32).eps * np.abs(before).max()  # new - initial is rounded to the parameter's ulp
             np.testing.assert_allclose(update_a, update_b, rtol=0, atol=1e-4 * np.abs(update_b).max() + ulps, err_msg=name)
         for a, b in zip(jax.tree.leaves(sweep.member(state, i).stats), jax.tree.leaves(alone.stats)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
