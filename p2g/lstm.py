@@ -18,8 +18,12 @@ step) and stores each step's gate gradient dG_t, and after it
 
     dW_x = X^T dG,   dW_h = H_prev^T dG,   db = sum(dG),   dX = dG W_x^T
 
-are four products over all S*B rows. Same function, same gradient (tested in float64 against
-autodiff of the step-by-step cell); P2G's training step is faster with it (docs/performance.md).
+are four products over all S*B rows. Both loops stop after the last step at which any row is
+alive (:func:`live_steps`, a bound known only at run time, hence ``fori_loop``s rather than
+scans): batches are padded to a multiple of 8 steps, and the steps after the longest sequence
+would only carry the state through. Same function, same gradient (tested in float64 against
+autodiff of the step-by-step cell); P2G's training step is faster with it (docs/performance.md,
+items 10 and 12).
 """
 
 from __future__ import annotations
@@ -38,22 +42,32 @@ def _gates(gx_t, h, c, kernel_h):
     return i, f, g, o, c_new, jnp.tanh(c_new)
 
 
+def live_steps(alive):
+    """How many leading steps have any live row: ``alive`` (S,B) -> () int32. Every step from
+    there on is dead for the whole batch, so the loops stop there."""
+    return jnp.max(jnp.where(jnp.any(alive, axis=1), jnp.arange(1, alive.shape[0] + 1), 0))
+
+
 def _run(kernel_i, kernel_h, bias, inputs, alive, carry, keep):
     """The forward pass: (final carry, outputs (S,B,H), and with ``keep`` what the backward pass
-    needs: h_{t-1}, c_{t-1}, i, f, g, o, tanh(c_t), each (S,B,H))."""
+    needs: h_{t-1}, c_{t-1}, i, f, g, o, tanh(c_t), each (S,B,H)). The loop runs the
+    :func:`live_steps` only; outputs and saved values of the steps after them stay 0."""
     S, B, D = inputs.shape
     projected = (inputs.reshape(S * B, D) @ kernel_i + bias).reshape(S, B, -1)
+    zeros = jnp.zeros((S,) + carry[1].shape, carry[1].dtype)
 
-    def step(carry, xs):
-        c, h = carry
-        gx_t, alive_t = xs
-        i, f, g, o, c_new, tanh_c = _gates(gx_t, h, c, kernel_h)
+    def step(t, loop):
+        (c, h), outputs, saved = loop
+        alive_t = alive[t][:, None]
+        i, f, g, o, c_new, tanh_c = _gates(projected[t], h, c, kernel_h)
         h_new = o * tanh_c
-        alive_t = alive_t[:, None]
-        saved = (h, c, i, f, g, o, tanh_c) if keep else None
-        return (jnp.where(alive_t, c_new, c), jnp.where(alive_t, h_new, h)), (jnp.where(alive_t, h_new, 0.0), saved)
+        outputs = outputs.at[t].set(jnp.where(alive_t, h_new, 0.0))
+        if keep:
+            saved = tuple(buffer.at[t].set(value) for buffer, value in zip(saved, (h, c, i, f, g, o, tanh_c)))
+        return (jnp.where(alive_t, c_new, c), jnp.where(alive_t, h_new, h)), outputs, saved
 
-    carry, (outputs, saved) = jax.lax.scan(step, carry, (projected, alive))
+    saved = (zeros,) * 7 if keep else None
+    carry, outputs, saved = jax.lax.fori_loop(0, live_steps(alive), step, (carry, zeros, saved))
     return carry, outputs, saved
 
 
@@ -76,25 +90,30 @@ def _backward(residuals, cotangents):
     kernel_i, kernel_h, inputs, alive, saved = residuals
     (dc_last, dh_last), d_outputs = cotangents
 
-    def step(carry, xs):
-        dc, dh = carry
-        d_out, alive_t, h_prev, c_prev, i, f, g, o, tanh_c = xs
-        alive_t = alive_t[:, None]
-        dh_t = dh + d_out  # h_t feeds the next step and the output
+    def step(k, loop):
+        (dc, dh), d_gates = loop
+        t = steps - 1 - k
+        h_prev, c_prev, i, f, g, o, tanh_c = (x[t] for x in saved)
+        alive_t = alive[t][:, None]
+        dh_t = dh + d_outputs[t]  # h_t feeds the next step and the output
         dc_t = dc + dh_t * o * (1.0 - tanh_c * tanh_c)
-        d_gates = jnp.concatenate([
+        d_gates_t = jnp.concatenate([
             dc_t * g * i * (1.0 - i),  # i
             dc_t * c_prev * f * (1.0 - f),  # f
             dc_t * i * (1.0 - g * g),  # g
             dh_t * tanh_c * o * (1.0 - o),  # o
         ], axis=-1)
-        d_gates = jnp.where(alive_t, d_gates, 0.0)
+        d_gates_t = jnp.where(alive_t, d_gates_t, 0.0)
         # A dead step passes the carry's gradient through untouched.
-        dh_prev = jnp.where(alive_t, d_gates @ kernel_h.T, dh)
+        dh_prev = jnp.where(alive_t, d_gates_t @ kernel_h.T, dh)
         dc_prev = jnp.where(alive_t, dc_t * f, dc)
-        return (dc_prev, dh_prev), d_gates
+        return (dc_prev, dh_prev), d_gates.at[t].set(d_gates_t)
 
-    (dc0, dh0), d_gates = jax.lax.scan(step, (dc_last, dh_last), (d_outputs, alive, *saved), reverse=True)
+    # Steps past the live ones are dead for every row: their gate gradients are 0 and the
+    # carry's gradient passes them unchanged, so the reverse loop starts at the last live step.
+    steps = live_steps(alive)
+    d_gates = jnp.zeros(saved[2].shape[:2] + (kernel_h.shape[1],), kernel_h.dtype)
+    (dc0, dh0), d_gates = jax.lax.fori_loop(0, steps, step, ((dc_last, dh_last), d_gates))
     S, B, D = inputs.shape
     d_gates = d_gates.reshape(S * B, -1)
     h_prev = saved[0].reshape(S * B, -1)

@@ -106,7 +106,9 @@ class Decoder(nnx.Module):
     def __call__(self, tgt_in, carry, enc_outputs, src_mask, rngs=None):
         """Teacher forcing: ``tgt_in`` (B,T) -> logits (B,T,V), attention (B,T,S) or None."""
         x = self.dropout(self.embedding(tgt_in), rngs=rngs)
-        lengths = jnp.full((tgt_in.shape[0],), tgt_in.shape[1])
+        # Steps at PAD inputs output 0: their logits are masked out of the loss either way, and
+        # the LSTM's loop stops after the batch's longest word (p2g.lstm.live_steps).
+        lengths = jnp.sum(tgt_in != PAD, axis=1)
         _, s = masked_lstm_scan(self.cell, x, lengths, carry)
         return self.output(s, enc_outputs, src_mask, rngs)
 

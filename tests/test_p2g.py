@@ -18,7 +18,7 @@ from p2g import (
     nucleus_probabilities, read_tsv, wer, wer_at_k,
 )
 from p2g.data import DataError, ReadReport
-from p2g.lstm import stepped_cell_scan
+from p2g.lstm import live_steps, stepped_cell_scan
 from p2g.model import masked_lstm_scan, reverse_within_length, sequence_loss
 from tests.conftest import run_cli
 
@@ -70,15 +70,18 @@ def test_masked_scan_is_the_cell_stepped_in_a_loop(x64):
         assert not np.any(np.asarray(outputs[b, int(lengths[b]) :]))
 
 
-def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64):
+@pytest.mark.parametrize("lengths", [(7, 3, 0, 5), (5, 3, 0, 2)], ids=["longest-fills-the-width", "dead-tail"])
+def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64, lengths):
     """The hand-written gradient of p2g.lstm (hoisted products, reverse loop over dh and dc)
     equals autodiff through a plain masked scan of the cell: for the kernels, the bias, the
-    inputs and the initial carry, with sequences of full, partial and zero length."""
+    inputs and the initial carry, with sequences of full, partial and zero length, and with
+    steps at the end that are dead for every sequence (the loops stop before them)."""
     cell = nnx.OptimizedLSTMCell(5, 4, rngs=nnx.Rngs(1), param_dtype=jnp.float64)
     graph, params = nnx.split(cell)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((4, 7, 5)))
-    lengths = jnp.array([7, 3, 0, 5])
+    lengths = jnp.array(lengths)
+    assert int(live_steps(jnp.arange(7)[:, None] < lengths[None, :])) == max(lengths)
     carry0 = (jnp.asarray(rng.standard_normal((4, 4))), jnp.asarray(rng.standard_normal((4, 4))))
     w_out, w_c, w_h = (jnp.asarray(rng.standard_normal(s)) for s in ((4, 7, 4), (4, 4), (4, 4)))
 
