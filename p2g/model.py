@@ -14,7 +14,8 @@ Bahdanau attention over the encoder outputs h_i (PAD positions masked out):
 As in the homework, attention changes each step's output and is not fed back into the LSTM, so
 with teacher forcing the LSTM runs over all steps first and attention is applied to every step
 at once; decoding (:mod:`p2g.decode`) runs the same functions one step at a time.
-Time loops are ``jax.lax.scan``; dropout draws from ``rngs`` passed per call.
+Time loops are ``jax.lax`` loops (the LSTM's ``fori_loop``s stop at the batch's longest sequence,
+:mod:`p2g.lstm`); dropout draws from ``rngs`` passed per call.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from p2g.lstm import lstm_layer
 def masked_lstm_scan(cell: nnx.OptimizedLSTMCell, inputs, lengths, carry):
     """Run ``cell`` over time; steps at t >= length leave the carry unchanged and output 0.
     ``inputs`` (B,S,D), ``lengths`` (B,) -> (final carry at each sequence's last real step,
-    outputs (B,S,H)). One ``lax.scan`` with the cell's parameters, and a gradient of our own
+    outputs (B,S,H)). One loop over time with the cell's parameters, and a gradient of our own
     (:func:`p2g.lstm.lstm_layer`): the same function as calling ``cell`` step by step."""
     chex.assert_rank([inputs, lengths], [3, 1])
     chex.assert_equal_shape_prefix([inputs, lengths], 1)
