@@ -109,11 +109,11 @@ def _backward(residuals, cotangents):
         dc_prev = jnp.where(alive_t, dc_t * f, dc)
         return (dc_prev, dh_prev), d_gates.at[t].set(d_gates_t)
 
-    # Steps past the live ones are dead for every row: their gate gradients are 0 and the
-    # carry's gradient passes them unchanged, so the reverse loop starts at the last live step.
     # Transposed once, outside the loop: written inside it, the decoder step's product took
     # 56-65 us instead of 45-47 (a trace on one core; docs/performance.md, item 12).
     kernel_h_t = kernel_h.T
+    # Steps past the live ones are dead for every row: their gate gradients are 0 and the
+    # carry's gradient passes them unchanged, so the reverse loop starts at the last live step.
     steps = live_steps(alive)
     d_gates = jnp.zeros(saved[2].shape[:2] + (kernel_h.shape[1],), kernel_h.dtype)
     (dc0, dh0), d_gates = jax.lax.fori_loop(0, steps, step, ((dc_last, dh_last), d_gates))
