@@ -7,9 +7,11 @@ and short words are not padded to the longest word in the data.
 Batches come from a per-epoch permutation seeded by (seed, epoch), dropout keys from
 (seed, step), so a resumed run repeats an uninterrupted one exactly.
 
-Data parallel without collectives: given ``devices`` (N > 1 entries), each batch is split into N
-shards, shard i goes to ``devices[i]`` with its own copy of the parameters and dropout key
-fold_in(key, i), every device computes the gradient of sum(nll of its shard) / (tokens in the whole
+Data parallel without collectives: given ``devices`` (N > 1 entries), each batch is sorted by
+word length and cut into N shards, the shortest words first and in the largest shard
+(:func:`length_sorted_shards`; each shard is cut to its own widths, so the short words do not
+pay for the long ones' padding; docs/performance.md, item 13). Shard i goes to ``devices[i]``
+with its own copy of the parameters and dropout key fold_in(key, i), every device computes the gradient of sum(nll of its shard) / (tokens in the whole
 batch), and ``devices[0]`` adds the N gradients (their sum is the gradient of the batch's mean
 loss) and applies Adam. JAX dispatches asynchronously, so the shards run at the same time; on a
 CPU each XLA host device runs on its own core (:func:`experiments._xla.request_cpu_devices`), which
@@ -43,6 +45,28 @@ def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple
     src_w = round_up(int(data.src_len[index].max()), multiple)
     tgt_w = round_up(int((data.tgt_out[index] != PAD).sum(axis=1).max()), multiple)
     return min(src_w, data.src.shape[1]), min(tgt_w, data.tgt_out.shape[1])
+
+
+def shard_sizes(batch: int, n: int) -> list[int]:
+    """How many examples each of ``n`` shards of a length-sorted batch takes, shortest words
+    first: shares proportional to 1 / (i + 1.5), at least one example each (two shards of 64:
+    40 and 24). A shard's time grows with its rows times its widths, and the longer words' shard
+    has the larger widths, so it gets fewer rows."""
+    if not 1 <= n <= batch:
+        raise ValueError(f"{n} shards for a batch of {batch}: at least one example a shard")
+    weights = 1.0 / (np.arange(n) + 1.5)
+    sizes = 1 + np.floor(weights / weights.sum() * (batch - n)).astype(int)
+    sizes[np.argsort(-weights)[: batch - sizes.sum()]] += 1  # the remainder to the short-word shards
+    return sizes.tolist()
+
+
+def length_sorted_shards(data: Batchable, index: np.ndarray, n: int) -> list[np.ndarray]:
+    """The batch ``index`` cut into ``n`` shards of :func:`shard_sizes`, after sorting it by word
+    length (phonemes + letters; stable). Each shard is padded to its own longest word, so the
+    short words no longer pay for the long ones' widths; the union is the same batch."""
+    lengths = data.src_len[index] + np.sum(data.tgt_out[index] != PAD, axis=1)
+    ordered = index[np.argsort(lengths, kind="stable")]
+    return np.split(ordered, np.cumsum(shard_sizes(len(index), n))[:-1])
 
 
 class TrainState(NamedTuple):
@@ -149,13 +173,14 @@ class Trainer:
         return self._step(state, *self._batch(data, index))
 
     def _train_batch_sharded(self, state: TrainState, flat, data: Batchable, index: np.ndarray, step: int):
-        """The batch split over ``self.devices``, each shard cut to its own widths; ``flat`` is
-        ``state.params`` as one vector. Returns (state, loss, the new flat parameters)."""
+        """The batch split over ``self.devices`` (:func:`length_sorted_shards`), each shard cut to
+        its own widths; ``flat`` is ``state.params`` as one vector. Returns (state, loss, the new
+        flat parameters)."""
         home, others = self.devices[0], self.devices[1:]
         tokens = max(int(np.sum(data.tgt_out[index] != PAD)), 1)
         replicas = [flat] + [jax.device_put(flat, device) for device in others]
         results = []
-        for shard, (part, device, params) in enumerate(zip(np.array_split(index, len(self.devices)),
+        for shard, (part, device, params) in enumerate(zip(length_sorted_shards(data, index, len(self.devices)),
                                                            self.devices, replicas)):
             batch = jax.device_put(self._batch(data, part), device)
             results.append(self._shard_grad(params, *batch, step, shard, tokens))

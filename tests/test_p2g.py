@@ -20,6 +20,7 @@ from p2g import (
 from p2g.data import DataError, ReadReport
 from p2g.lstm import live_steps, stepped_cell_scan
 from p2g.model import masked_lstm_scan, reverse_within_length, sequence_loss
+from p2g.train import length_sorted_shards, shard_sizes
 from tests.conftest import run_cli
 
 PHONE = {"a": "æ", "b": "b", "c": "k", "d": "d", "e": "ɛ", "o": "oʊ", "s": "s", "t": "t"}
@@ -296,6 +297,25 @@ def test_sharded_training_follows_the_one_device_gradient(spread):
     assert int(state_sharded.step) == int(state_one.step) == 6
     for a, b in zip(jax.tree.leaves(state_one.params), jax.tree.leaves(state_sharded.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,n", [(64, 2), (32, 2), (64, 3), (7, 2), (5, 5)])
+def test_length_sorted_shards_partition_the_batch_shortest_words_in_the_largest_shard(batch, n):
+    pairs = synthetic_pairs(80, seed=4)
+    src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
+    data = encode_pairs(pairs, src_vocab, tgt_vocab)
+    index = np.random.default_rng(batch + n).permutation(len(data))[:batch]
+    shards = length_sorted_shards(data, index, n)
+    assert [len(shard) for shard in shards] == shard_sizes(batch, n)
+    assert sorted(np.concatenate(shards).tolist()) == sorted(index.tolist())
+    sizes = shard_sizes(batch, n)
+    assert sum(sizes) == batch and min(sizes) >= 1 and sizes == sorted(sizes, reverse=True)
+    lengths = [data.src_len[shard] + np.sum(data.tgt_out[shard] != PAD, axis=1) for shard in shards]
+    for shorter, longer in zip(lengths, lengths[1:]):
+        assert shorter.max() <= longer.min()
+    assert shard_sizes(64, 2) == [40, 24]
+    with pytest.raises(ValueError, match="at least one example a shard"):
+        shard_sizes(3, 4)
 
 
 def test_data_parallel_devices_cycle_where_there_are_fewer():
