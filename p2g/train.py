@@ -93,6 +93,7 @@ class Trainer:
         self._shard_grad = jax.jit(self._shard_grad_impl)
         self._apply = jax.jit(self._apply_impl, donate_argnums=0)
         self._ravel = jax.jit(lambda params: ravel_pytree(params)[0])
+        self._eval_loss = jax.jit(self._eval_loss_impl)
         self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"))
         self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"))
 
@@ -188,9 +189,13 @@ class Trainer:
         return self._apply(state, list(shard_losses), list(grads))
 
     def loss(self, state: TrainState, data: Batchable) -> float:
-        """Mean teacher-forced loss in eval mode (no dropout) over all target tokens."""
-        model = nnx.merge(self.eval_graph, state.params)
-        return float(sequence_loss(model(data.src, data.src_len, data.tgt_in), data.tgt_out))
+        """Mean teacher-forced loss in eval mode (no dropout) over all target tokens, one jitted
+        program over the whole data (op by op it took 0.8–1.1 s for 1,000 words)."""
+        return float(self._eval_loss(state.params, data.src, data.src_len, data.tgt_in, data.tgt_out))
+
+    def _eval_loss_impl(self, params, src, src_len, tgt_in, tgt_out):
+        model = nnx.merge(self.eval_graph, params)
+        return sequence_loss(model(src, src_len, tgt_in), tgt_out)
 
     def _decode_impl(self, params, src, src_len, key, max_len, top_p):
         return decode(nnx.merge(self.eval_graph, params), src, src_len, max_len, top_p, key)
