@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from p2g.data import PAD
+from p2g.dropout import HashedDropout
 from p2g.lstm import lstm_layer
 
 
@@ -55,7 +56,7 @@ class Encoder(nnx.Module):
         self.embedding = nnx.Embed(vocab_size, hidden, rngs=rngs)
         self.forward_cell = nnx.OptimizedLSTMCell(hidden, hidden // 2, rngs=rngs)
         self.backward_cell = nnx.OptimizedLSTMCell(hidden, hidden // 2, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout = HashedDropout(dropout)
         self.half = hidden // 2
 
     def __call__(self, src, src_len, rngs: nnx.Rngs | None = None):
@@ -95,7 +96,7 @@ class Decoder(nnx.Module):
         self.embedding = nnx.Embed(vocab_size, hidden, rngs=rngs)
         self.cell = nnx.OptimizedLSTMCell(hidden, hidden, rngs=rngs)
         self.attention = BahdanauAttention(hidden, rngs) if attention else None
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout = HashedDropout(dropout)
 
     def output(self, s, enc_outputs, src_mask, rngs=None):
         """LSTM outputs (B,T,H) -> logits (B,T,V) and attention weights (B,T,S) or None."""

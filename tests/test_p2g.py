@@ -18,6 +18,7 @@ from p2g import (
     nucleus_probabilities, read_tsv, wer, wer_at_k,
 )
 from p2g.data import DataError, ReadReport
+from p2g.dropout import HashedDropout, keep_mask
 from p2g.lstm import live_steps, stepped_cell_scan
 from p2g.model import masked_lstm_scan, reverse_within_length, sequence_loss
 from p2g.train import length_sorted_shards, shard_sizes
@@ -316,6 +317,27 @@ def test_length_sorted_shards_partition_the_batch_shortest_words_in_the_largest_
     assert shard_sizes(64, 2) == [40, 24]
     with pytest.raises(ValueError, match="at least one example a shard"):
         shard_sizes(3, 4)
+
+
+def test_hashed_dropout_keeps_each_element_independently_with_probability_one_minus_rate():
+    rate, shape = 0.3, (512, 1024)
+    n = shape[0] * shape[1]
+    mask = np.asarray(keep_mask(jax.random.key(0), shape, rate))
+    other = np.asarray(keep_mask(jax.random.key(1), shape, rate))
+    sigma = np.sqrt(0.21 / n)  # binomial spread of a fraction over n draws
+    assert abs(mask.mean() - 0.7) < 6 * sigma
+    # neighbours along both axes, and the same element under another key: P(both kept) = 0.49
+    for both in (mask[:, 1:] & mask[:, :-1], mask[1:] & mask[:-1], mask & other):
+        assert abs(both.mean() - 0.49) < 6 * np.sqrt(0.49 * 0.51 / both.size)
+    assert np.array_equal(mask, np.asarray(keep_mask(jax.random.key(0), shape, rate)))  # a function of the key
+    dropout = HashedDropout(rate)
+    x = jnp.full((64, 128), 2.0)
+    y = np.asarray(dropout(x, rngs=nnx.Rngs(dropout=3)))
+    assert set(np.unique(y)) <= {0.0, np.float32(2.0 / 0.7)}
+    assert np.array_equal(np.asarray(dropout(x, deterministic=True)), np.asarray(x))
+    assert np.array_equal(np.asarray(HashedDropout(0.0)(x)), np.asarray(x))
+    with pytest.raises(ValueError, match="not in"):
+        HashedDropout(1.5)
 
 
 def test_data_parallel_devices_cycle_where_there_are_fewer():
