@@ -11,12 +11,13 @@ Data parallel without collectives: given ``devices`` (N > 1 entries), each batch
 word length and cut into N shards, the shortest words first and in the largest shard
 (:func:`length_sorted_shards`; each shard is cut to its own widths, so the short words do not
 pay for the long ones' padding; docs/performance.md, item 13). Shard i goes to ``devices[i]``
-with its own copy of the parameters and dropout key fold_in(key, i), every device computes the gradient of sum(nll of its shard) / (tokens in the whole
-batch), and ``devices[0]`` adds the N gradients (their sum is the gradient of the batch's mean
-loss) and applies Adam. JAX dispatches asynchronously, so the shards run at the same time; on a
-CPU each XLA host device runs on its own core (:func:`experiments._xla.request_cpu_devices`), which
-is how this loop uses both cores of a small machine whose LSTM kernels run one core each. The
-same device may appear twice (the shards then run one after the other, same numbers).
+with its own copy of the parameters and dropout key fold_in(key, i), every device computes the
+gradient of sum(nll of its shard) / (tokens in the whole batch), and ``devices[0]`` adds the N
+gradients (their sum is the gradient of the batch's mean loss) and applies Adam. JAX dispatches
+asynchronously, so the shards run at the same time; on a CPU each XLA host device runs on its own
+core (:func:`experiments._xla.request_cpu_devices`), which is how this loop uses both cores of a
+small machine whose LSTM kernels run one core each. The same device may appear twice (the shards
+then run one after the other, same numbers).
 Parameters and gradients cross between devices as one flat vector each (``ravel_pytree``): one
 transfer and one dispatch argument instead of one per parameter array, which on a 2-core machine
 gives the host thread's time back to the devices (docs/performance.md, item 11).
