@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,11 @@ class Batchable:
 
     def __len__(self) -> int:
         return len(self.spellings)
+
+    @cached_property
+    def tgt_len(self) -> np.ndarray:
+        """Target tokens of each example (its spelling and EOS): (n,), computed once."""
+        return np.sum(self.tgt_out != PAD, axis=1)
 
 
 def round_up(n: int, multiple: int = 8) -> int:

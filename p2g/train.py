@@ -44,7 +44,7 @@ def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple
     """(source width, target width) for the examples ``index``: longest, rounded up to
     ``multiple`` (1: the exact longest)."""
     src_w = round_up(int(data.src_len[index].max()), multiple)
-    tgt_w = round_up(int((data.tgt_out[index] != PAD).sum(axis=1).max()), multiple)
+    tgt_w = round_up(int(data.tgt_len[index].max()), multiple)
     return min(src_w, data.src.shape[1]), min(tgt_w, data.tgt_out.shape[1])
 
 
@@ -65,7 +65,7 @@ def length_sorted_shards(data: Batchable, index: np.ndarray, n: int) -> list[np.
     """The batch ``index`` cut into ``n`` shards of :func:`shard_sizes`, after sorting it by word
     length (phonemes + letters; stable). Each shard is padded to its own longest word, so the
     short words no longer pay for the long ones' widths; the union is the same batch."""
-    lengths = data.src_len[index] + np.sum(data.tgt_out[index] != PAD, axis=1)
+    lengths = data.src_len[index] + data.tgt_len[index]
     ordered = index[np.argsort(lengths, kind="stable")]
     return np.split(ordered, np.cumsum(shard_sizes(len(index), n))[:-1])
 
@@ -179,7 +179,7 @@ class Trainer:
         its own widths; ``flat`` is ``state.params`` as one vector. Returns (state, loss, the new
         flat parameters)."""
         home, others = self.devices[0], self.devices[1:]
-        tokens = max(int(np.sum(data.tgt_out[index] != PAD)), 1)
+        tokens = max(int(np.sum(data.tgt_len[index])), 1)
         replicas = [flat] + [jax.device_put(flat, device) for device in others]
         results = []
         for shard, (part, device, params) in enumerate(zip(length_sorted_shards(data, index, len(self.devices)),
