@@ -306,10 +306,9 @@ def test_length_sorted_shards_partition_the_batch_shortest_words_in_the_largest_
     src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
     data = encode_pairs(pairs, src_vocab, tgt_vocab)
     index = np.random.default_rng(batch + n).permutation(len(data))[:batch]
-    shards = length_sorted_shards(data, index, n)
-    assert [len(shard) for shard in shards] == shard_sizes(batch, n)
+    shards, sizes = length_sorted_shards(data, index, n), shard_sizes(batch, n)
+    assert [len(shard) for shard in shards] == sizes
     assert sorted(np.concatenate(shards).tolist()) == sorted(index.tolist())
-    sizes = shard_sizes(batch, n)
     assert sum(sizes) == batch and min(sizes) >= 1 and sizes == sorted(sizes, reverse=True)
     lengths = [data.src_len[shard] + np.sum(data.tgt_out[shard] != PAD, axis=1) for shard in shards]
     for shorter, longer in zip(lengths, lengths[1:]):
