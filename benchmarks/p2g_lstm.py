@@ -1,5 +1,6 @@
 """One P2G training shard's gradient with the LSTM layer as shipped (``p2g.lstm.lstm_layer``, its
-gradient written out) against the same model with autodiff through the cell stepped in a scan.
+gradient written out, on words packed end to end) against the same model with autodiff through the
+cell stepped in a scan over the padded words.
 
     python -m benchmarks.p2g_lstm [--batch-size 32] [--src-len 16] [--tgt-len 16] [--attn] [--rounds 7]
 
@@ -30,25 +31,38 @@ def main(argv=None) -> None:
     import numpy as np
 
     from p2g import model
+    from p2g.data import pack_words
     from p2g.lstm import stepped_cell_scan
     from p2g.train import Trainer
 
     B, S, T = args.batch_size, args.src_len, args.tgt_len
     rng = np.random.default_rng(0)
-    src_len = rng.integers(S // 2, S + 1, B)
-    src = np.where(np.arange(S)[None] < src_len[:, None], rng.integers(4, 40, (B, S)), 0)
-    tgt_in, tgt_out = rng.integers(4, 30, (B, T)), rng.integers(4, 30, (B, T))
-    batch = [jnp.asarray(a, jnp.int32) for a in (src, src_len, tgt_in, tgt_out)]
+    src_len, tgt_len = rng.integers(S // 2, S + 1, B).astype(np.int32), rng.integers(T // 2, T + 1, B).astype(np.int32)
+    src = np.where(np.arange(S)[None] < src_len[:, None], rng.integers(4, 40, (B, S)), 0).astype(np.int32)
+    tgt_in, tgt_out = (np.where(np.arange(T)[None] < tgt_len[:, None], rng.integers(4, 30, (B, T)), 0).astype(np.int32)
+                       for _ in range(2))
+    (s, s0), (ti, t0), (to, _) = (pack_words(a, n) for a, n in ((src, src_len), (tgt_in, tgt_len), (tgt_out, tgt_len)))
+    batch = (model.Words(s, s0, src_len), model.Words(ti, t0, tgt_len), to)
     trainer = Trainer(45, 32, attention=args.attn)
     params, key = trainer.init_state().params, jax.random.key(0)
 
-    shipped = model.masked_lstm_scan
+    def stepped(cell, inputs, words, carry, reverse=False):
+        """The packed layer's definition: the cell stepped over the words laid out padded."""
+        width = max(S, T)
+        t = jnp.arange(width)[None, :]
+        flip = jnp.where(t < words.lengths[:, None], words.lengths[:, None] - 1 - t, t) if reverse else t
+        flip = jnp.broadcast_to(flip, (B, width))[..., None]
+        x = jnp.take_along_axis(model.to_padded(inputs, words, width), flip, axis=1)
+        carry, out = stepped_cell_scan(cell, x, words.lengths, carry)
+        return carry, model.from_padded(jnp.take_along_axis(out, flip, axis=1), words)
+
+    shipped = model.masked_lstm
     versions = {}
-    for name, scan in (("written-out gradient", shipped), ("autodiff of the stepped cell", stepped_cell_scan)):
-        model.masked_lstm_scan = scan  # looked up when the model is traced, i.e. in the first call
-        grad = jax.jit(lambda p, k: jax.value_and_grad(trainer._loss)(p, *batch, k, float(B * T)))
+    for name, layer in (("written-out gradient", shipped), ("autodiff of the stepped cell", stepped)):
+        model.masked_lstm = layer  # looked up when the model is traced, i.e. in the first call
+        grad = jax.jit(lambda p, k: jax.value_and_grad(trainer._loss)(p, *batch, k, float(B * T), (S, T) if args.attn else None))
         versions[name] = (grad, jax.block_until_ready(grad(params, key)))
-    model.masked_lstm_scan = shipped
+    model.masked_lstm = shipped
 
     best = {name: float("inf") for name in versions}
     for _ in range(args.rounds):

@@ -1,32 +1,34 @@
-"""A masked LSTM layer over a whole sequence, with its gradient written out (``jax.custom_vjp``).
+"""A masked LSTM layer over whole words, with its gradient written out (``jax.custom_vjp``).
 
-Shapes: S steps, B batch, D input size, H hidden size; time-major. Parameters as in
-``nnx.OptimizedLSTMCell`` (its ``dense_i.kernel`` W_x (D,4H), ``dense_h.kernel`` W_h (H,4H),
-``dense_h.bias`` b (4H,)), gates in the order i, f, g, o:
+Shapes: B words, P rows, D input size, H hidden size. The words are laid end to end in the rows
+of ``inputs`` (P,D): word b at rows starts[b] .. starts[b] + lengths[b] - 1 (a padded (B,S)
+batch is the layout with starts b*S; training packs words tightly, :func:`p2g.data.pack_words`).
+Parameters as in ``nnx.OptimizedLSTMCell`` (its ``dense_i.kernel`` W_x (D,4H), ``dense_h.kernel``
+W_h (H,4H), ``dense_h.bias`` b (4H,)), gates in the order i, f, g, o; step t of word b reads row
+r = starts[b] + t (``reverse``: starts[b] + lengths[b] - 1 - t):
 
-    [i; f; g; o] = [σ; σ; tanh; σ](x_t W_x + h_{t-1} W_h + b)
-    c_t = f * c_{t-1} + i * g,    h_t = o * tanh(c_t)
+    [i; f; g; o] = [σ; σ; tanh; σ](x_r W_x + h_{t-1} W_h + b)
+    c_t = f * c_{t-1} + i * g,    h_t = o * tanh(c_t),    output row r = h_t
 
-where ``alive[t]`` is False (past a sequence's length) the carry (c, h) is left unchanged and the
-output is 0, as :func:`p2g.model.masked_lstm_scan` defines it.
+past a word's length its carry (c, h) is left unchanged; rows no word covers output 0.
 
 Why a hand-written gradient: autodiff of ``lax.scan`` computes every step's parameter gradient
-inside the reverse loop, as (B,D)^T (B,4H) products with B = 32 rows, and the input projection
-x_t W_x one step at a time. Here the projections of all S steps are one (S*B, D) x (D, 4H) product
-before the loop, the reverse loop only carries dh and dc back (one (B,4H) x (4H,H) product a
-step) and stores each step's gate gradient dG_t, and after it
+inside the reverse loop, as (B,D)^T (B,4H) products, and the input projection one step at a time.
+Here the projections of all rows are one (P, D) x (D, 4H) product before the loop; each step
+gathers its B rows. The reverse loop only carries dh and dc back (one (B,4H) x (4H,H) product a
+step) and stores each step's gate gradient dG at its rows, and after it
 
     dW_x = X^T dG,   dW_h = H_prev^T dG,   db = sum(dG),   dX = dG W_x^T
 
-are four products over all S*B rows. Both loops stop after the last step at which any row is
-alive (:func:`live_steps`, a bound known only at run time, hence ``fori_loop``s rather than
-scans): batches are padded to a multiple of 8 steps, and the steps after the longest sequence
-would only carry the state through. Same function, same gradient (tested in float64 against
-autodiff of the step-by-step cell); P2G's training step is faster with it (docs/performance.md,
-items 10 and 12).
+are four products over the P rows. With packed words, P is the batch's token count (rounded up),
+not B times the longest word: the products skip the padding (docs/performance.md, item 15). Both
+loops run max(lengths) steps, a bound known only at run time, hence ``fori_loop``s. Same function,
+same gradient (tested in float64 against autodiff of the step-by-step cell).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -42,60 +44,72 @@ def _gates(gx_t, h, c, kernel_h):
     return i, f, g, o, c_new, jnp.tanh(c_new)
 
 
-def live_steps(alive):
-    """How many leading steps have any live row: ``alive`` (S,B) -> () int32. Every step from
-    there on is dead for the whole batch, so the loops stop there."""
-    return jnp.max(jnp.where(jnp.any(alive, axis=1), jnp.arange(1, alive.shape[0] + 1), 0))
+def step_rows(starts, lengths, t, reverse: bool, rows: int):
+    """Which row each word reads at step ``t``: (alive (B,) bool, row (B,) int32). Word b covers
+    rows starts[b] .. starts[b] + lengths[b] - 1 and steps through them in order, or backwards
+    with ``reverse``; past its length it is dead and its row is ``rows`` (out of bounds: reads
+    give 0, writes are dropped)."""
+    alive = t < lengths
+    row = starts + (lengths - 1 - t if reverse else t)
+    return alive, jnp.where(alive, row, rows)
 
 
-def _run(kernel_i, kernel_h, bias, inputs, alive, carry, keep):
-    """The forward pass: (final carry, outputs (S,B,H), and with ``keep`` what the backward pass
-    needs: h_{t-1}, c_{t-1}, i, f, g, o, tanh(c_t), each (S,B,H)). The loop runs the
-    :func:`live_steps` only; outputs and saved values of the steps after them stay 0."""
-    S, B, D = inputs.shape
-    projected = (inputs.reshape(S * B, D) @ kernel_i + bias).reshape(S, B, -1)
-    zeros = jnp.zeros((S,) + carry[1].shape, carry[1].dtype)
+def _take(x, row):
+    return x.at[row].get(mode="fill", fill_value=0)
+
+
+def _run(reverse, kernel_i, kernel_h, bias, inputs, starts, lengths, carry, keep):
+    """The forward pass: (final carry, outputs (P,H), and with ``keep`` what the backward pass
+    needs, [h_{t-1}, c_{t-1}, i, f, g, o, tanh(c_t)] (P,7H), at each step's row). The loop runs
+    max(lengths) steps; rows no word covers stay 0."""
+    P = inputs.shape[0]
+    H = kernel_h.shape[0]
+    projected = inputs @ kernel_i + bias
 
     def step(t, loop):
         (c, h), outputs, saved = loop
-        alive_t = alive[t][:, None]
-        i, f, g, o, c_new, tanh_c = _gates(projected[t], h, c, kernel_h)
+        alive, row = step_rows(starts, lengths, t, reverse, P)
+        i, f, g, o, c_new, tanh_c = _gates(_take(projected, row), h, c, kernel_h)
         h_new = o * tanh_c
-        outputs = outputs.at[t].set(jnp.where(alive_t, h_new, 0.0))
+        outputs = outputs.at[row].set(h_new, mode="drop")
         if keep:
-            saved = tuple(buffer.at[t].set(value) for buffer, value in zip(saved, (h, c, i, f, g, o, tanh_c)))
-        return (jnp.where(alive_t, c_new, c), jnp.where(alive_t, h_new, h)), outputs, saved
+            saved = saved.at[row].set(jnp.concatenate([h, c, i, f, g, o, tanh_c], axis=-1), mode="drop")
+        alive = alive[:, None]
+        return (jnp.where(alive, c_new, c), jnp.where(alive, h_new, h)), outputs, saved
 
-    saved = (zeros,) * 7 if keep else None
-    carry, outputs, saved = jax.lax.fori_loop(0, live_steps(alive), step, (carry, zeros, saved))
-    return carry, outputs, saved
+    zeros = lambda n: jnp.zeros((P, n * H), projected.dtype)
+    saved = zeros(7) if keep else None
+    return jax.lax.fori_loop(0, jnp.max(lengths, initial=0), step, (carry, zeros(1), saved))
 
 
-@jax.custom_vjp
-def lstm_layer(kernel_i, kernel_h, bias, inputs, alive, carry):
-    """``inputs`` (S,B,D), ``alive`` (S,B) bool, ``carry`` (c, h) each (B,H) -> (final carry
-    (c, h), outputs (S,B,H)). The equations are in the module docstring."""
-    carry, outputs, _ = _run(kernel_i, kernel_h, bias, inputs, alive, carry, keep=False)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lstm_layer(reverse, kernel_i, kernel_h, bias, inputs, starts, lengths, carry):
+    """Words laid end to end in ``inputs`` (P,D), word b at rows ``starts[b]`` .. ``starts[b] +
+    lengths[b] - 1`` (``starts``, ``lengths`` (B,) int; ``reverse``: read each word last row
+    first), initial ``carry`` (c, h) each (B,H) -> (final carry (c, h), outputs (P,H), each at
+    its input's row, 0 on rows no word covers). The equations are in the module docstring."""
+    carry, outputs, _ = _run(reverse, kernel_i, kernel_h, bias, inputs, starts, lengths, carry, keep=False)
     return carry, outputs
 
 
-def _forward(kernel_i, kernel_h, bias, inputs, alive, carry):
-    carry, outputs, saved = _run(kernel_i, kernel_h, bias, inputs, alive, carry, keep=True)
-    return (carry, outputs), (kernel_i, kernel_h, inputs, alive, saved)
+def _forward(reverse, kernel_i, kernel_h, bias, inputs, starts, lengths, carry):
+    carry, outputs, saved = _run(reverse, kernel_i, kernel_h, bias, inputs, starts, lengths, carry, keep=True)
+    return (carry, outputs), (kernel_i, kernel_h, inputs, starts, lengths, saved)
 
 
-def _backward(residuals, cotangents):
-    """Reverse loop over dh, dc (the gate gradients dG_t stored), then the parameter and input
-    gradients as products over all steps at once."""
-    kernel_i, kernel_h, inputs, alive, saved = residuals
+def _backward(reverse, residuals, cotangents):
+    """Reverse loop over dh, dc (the gate gradients dG stored at each step's row), then the
+    parameter and input gradients as products over all P rows at once."""
+    kernel_i, kernel_h, inputs, starts, lengths, saved = residuals
     (dc_last, dh_last), d_outputs = cotangents
+    P, H = inputs.shape[0], kernel_h.shape[0]
 
     def step(k, loop):
         (dc, dh), d_gates = loop
-        t = steps - 1 - k
-        h_prev, c_prev, i, f, g, o, tanh_c = (x[t] for x in saved)
-        alive_t = alive[t][:, None]
-        dh_t = dh + d_outputs[t]  # h_t feeds the next step and the output
+        alive, row = step_rows(starts, lengths, steps - 1 - k, reverse, P)
+        h_prev, c_prev, i, f, g, o, tanh_c = jnp.split(_take(saved, row), 7, axis=-1)
+        alive = alive[:, None]
+        dh_t = dh + _take(d_outputs, row)  # h_t feeds the next step and the output
         dc_t = dc + dh_t * o * (1.0 - tanh_c * tanh_c)
         d_gates_t = jnp.concatenate([
             dc_t * g * i * (1.0 - i),  # i
@@ -103,27 +117,21 @@ def _backward(residuals, cotangents):
             dc_t * i * (1.0 - g * g),  # g
             dh_t * tanh_c * o * (1.0 - o),  # o
         ], axis=-1)
-        d_gates_t = jnp.where(alive_t, d_gates_t, 0.0)
-        # A dead step passes the carry's gradient through untouched.
-        dh_prev = jnp.where(alive_t, d_gates_t @ kernel_h_t, dh)
-        dc_prev = jnp.where(alive_t, dc_t * f, dc)
-        return (dc_prev, dh_prev), d_gates.at[t].set(d_gates_t)
+        # A dead step passes the carry's gradient through untouched (its row is dropped).
+        dh_prev = jnp.where(alive, d_gates_t @ kernel_h_t, dh)
+        dc_prev = jnp.where(alive, dc_t * f, dc)
+        return (dc_prev, dh_prev), d_gates.at[row].set(d_gates_t, mode="drop")
 
     # Transposed once, outside the loop: written inside it, the decoder step's product took
     # 56-65 us instead of 45-47 (a trace on one core; docs/performance.md, item 12).
     kernel_h_t = kernel_h.T
-    # Steps past the live ones are dead for every row: their gate gradients are 0 and the
-    # carry's gradient passes them unchanged, so the reverse loop starts at the last live step.
-    steps = live_steps(alive)
-    d_gates = jnp.zeros(saved[2].shape[:2] + (kernel_h.shape[1],), kernel_h.dtype)
+    steps = jnp.max(lengths, initial=0)
+    d_gates = jnp.zeros((P, 4 * H), kernel_h.dtype)
     (dc0, dh0), d_gates = jax.lax.fori_loop(0, steps, step, ((dc_last, dh_last), d_gates))
-    S, B, D = inputs.shape
-    d_gates = d_gates.reshape(S * B, -1)
-    h_prev = saved[0].reshape(S * B, -1)
-    d_kernel_i = inputs.reshape(S * B, D).T @ d_gates
-    d_kernel_h = h_prev.T @ d_gates
-    d_inputs = (d_gates @ kernel_i.T).reshape(S, B, D)
-    return d_kernel_i, d_kernel_h, jnp.sum(d_gates, axis=0), d_inputs, None, (dc0, dh0)
+    d_kernel_i = inputs.T @ d_gates
+    d_kernel_h = saved[:, :H].T @ d_gates
+    d_inputs = d_gates @ kernel_i.T
+    return d_kernel_i, d_kernel_h, jnp.sum(d_gates, axis=0), d_inputs, None, None, (dc0, dh0)
 
 
 lstm_layer.defvjp(_forward, _backward)

@@ -35,9 +35,9 @@ import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from p2g.data import PAD, Batchable, Vocab, round_up
+from p2g.data import PAD, Batchable, Vocab, pack_words, round_up
 from p2g.decode import beam_search, decode
-from p2g.model import Seq2Seq, sequence_loss, summed_nll
+from p2g.model import Seq2Seq, Words, sequence_loss, summed_nll
 
 
 def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple[int, int]:
@@ -70,6 +70,28 @@ def length_sorted_shards(data: Batchable, index: np.ndarray, n: int) -> list[np.
     return np.split(ordered, np.cumsum(shard_sizes(len(index), n))[:-1])
 
 
+class Layout(NamedTuple):
+    """Where the parts of a packed batch lie in its one int32 vector (static under jit): B
+    examples; source rows, target rows (:func:`p2g.data.pack_words`); the widths (S, T) that
+    attention lays the words out in, None without attention."""
+
+    examples: int
+    src_rows: int
+    tgt_rows: int
+    widths: tuple[int, int] | None
+
+
+def split_batch(vector, layout: Layout):
+    """One packed batch vector -> (src, tgt_in) as :class:`p2g.model.Words`, tgt_out (P_tgt,);
+    the order of :meth:`Trainer._batch`: src tokens, src starts, src lengths, tgt_in tokens,
+    tgt_out tokens, tgt starts, tgt lengths."""
+    B, Ps, Pt, _ = layout
+    src, src_starts, src_len, tgt_in, tgt_out, tgt_starts, tgt_len = jnp.split(
+        vector, np.cumsum([Ps, B, B, Pt, Pt, B])
+    )
+    return Words(src, src_starts, src_len), Words(tgt_in, tgt_starts, tgt_len), tgt_out
+
+
 class TrainState(NamedTuple):
     params: Any
     opt_state: Any
@@ -77,6 +99,8 @@ class TrainState(NamedTuple):
 
 
 class Trainer:
+    pack_multiple = 64  # packed batches' rows are rounded up to this (docs/performance.md, item 15)
+
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
                  lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None):
         self.batch_size, self.seed = batch_size, seed
@@ -90,8 +114,9 @@ class Trainer:
         model.eval()
         self.eval_graph, _ = nnx.split(model, nnx.Param)
         self._unravel = ravel_pytree(self._params)[1]  # flat vector -> parameters (sharded steps)
-        self._step = jax.jit(self._step_impl, donate_argnums=0)
-        self._shard_grad = jax.jit(self._shard_grad_impl)
+        self.attention = attention
+        self._step = jax.jit(self._step_impl, donate_argnums=0, static_argnames="layout")
+        self._shard_grad = jax.jit(self._shard_grad_impl, static_argnames="layout")
         self._apply = jax.jit(self._apply_impl, donate_argnums=0)
         self._ravel = jax.jit(lambda params: ravel_pytree(params)[0])
         self._eval_loss = jax.jit(self._eval_loss_impl)
@@ -107,29 +132,32 @@ class Trainer:
     def _key(self, step):
         return jax.random.fold_in(jax.random.key(self.seed), step)
 
-    def _loss(self, params, src, src_len, tgt_in, tgt_out, key, tokens):
-        """sum of the NLL of these examples' target tokens / ``tokens``."""
+    def _loss(self, params, src: Words, tgt_in: Words, tgt_out, key, tokens, widths):
+        """sum of the NLL of these examples' target tokens (``tgt_out`` (P,), at the rows of
+        ``tgt_in``) / ``tokens``."""
         model = nnx.merge(self.train_graph, params, copy=True)
-        return summed_nll(model(src, src_len, tgt_in, rngs=nnx.Rngs(dropout=key)), tgt_out) / tokens
+        return summed_nll(model.packed(src, tgt_in, widths, rngs=nnx.Rngs(dropout=key)), tgt_out) / tokens
 
     def _update(self, state: TrainState, grads) -> TrainState:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
 
-    def _step_impl(self, state: TrainState, src, src_len, tgt_in, tgt_out):
+    def _step_impl(self, state: TrainState, batch, layout: Layout):
         """One device: the gradient of the batch's mean loss and the update, one program."""
+        src, tgt_in, tgt_out = split_batch(batch, layout)
         tokens = jnp.maximum(jnp.sum(tgt_out != PAD), 1)
-        loss, grads = jax.value_and_grad(self._loss)(state.params, src, src_len, tgt_in, tgt_out,
-                                                     self._key(state.step), tokens)
+        loss, grads = jax.value_and_grad(self._loss)(state.params, src, tgt_in, tgt_out,
+                                                     self._key(state.step), tokens, layout.widths)
         return self._update(state, grads), loss
 
-    def _shard_grad_impl(self, flat_params, src, src_len, tgt_in, tgt_out, step, shard, tokens):
-        """Shard ``shard`` of batch ``step``: its share of the loss and of the gradient. Parameters
-        and gradient travel as one flat vector each (one transfer between devices, not one a
-        parameter array)."""
+    def _shard_grad_impl(self, flat_params, batch, step, shard, tokens, layout: Layout):
+        """Shard ``shard`` of batch ``step``: its share of the loss and of the gradient. Parameters,
+        batch and gradient travel as one vector each (one transfer between devices or from the
+        host, not one a parameter or an array)."""
+        src, tgt_in, tgt_out = split_batch(batch, layout)
         key = jax.random.fold_in(self._key(step), shard)
-        loss, grads = jax.value_and_grad(self._loss)(self._unravel(flat_params), src, src_len, tgt_in, tgt_out,
-                                                     key, tokens)
+        loss, grads = jax.value_and_grad(self._loss)(self._unravel(flat_params), src, tgt_in, tgt_out,
+                                                     key, tokens, layout.widths)
         return loss, ravel_pytree(grads)[0]
 
     def _apply_impl(self, state: TrainState, losses, flat_grads):
@@ -164,15 +192,23 @@ class Trainer:
                 progress(1)
         return state, float(jnp.mean(jnp.stack(losses)))
 
-    @staticmethod
-    def _batch(data: Batchable, index: np.ndarray):
-        """(src, src_len, tgt_in, tgt_out) of the examples ``index``, cut to their :func:`batch_widths`."""
-        S, T = batch_widths(data, index)
-        return data.src[index, :S], data.src_len[index], data.tgt_in[index, :T], data.tgt_out[index, :T]
+    def _batch(self, data: Batchable, index: np.ndarray):
+        """The examples ``index`` packed (:func:`p2g.data.pack_words`) into one int32 vector, and
+        its :class:`Layout` (:func:`split_batch` takes them apart; tgt_out lies at tgt_in's rows,
+        attention's widths are :func:`batch_widths`)."""
+        src_len, tgt_len = data.src_len[index], data.tgt_len[index].astype(np.int32)
+        m = self.pack_multiple
+        src, src_starts = pack_words(data.src[index], src_len, m)
+        tgt_in, tgt_starts = pack_words(data.tgt_in[index], tgt_len, m)
+        tgt_out, _ = pack_words(data.tgt_out[index], tgt_len, m)
+        widths = batch_widths(data, index) if self.attention else None
+        vector = np.concatenate([src, src_starts, src_len, tgt_in, tgt_out, tgt_starts, tgt_len]).astype(np.int32)
+        return vector, Layout(len(index), len(src), len(tgt_in), widths)
 
     def _train_batch(self, state: TrainState, data: Batchable, index: np.ndarray, step: int):
         """One device: the fused step (its key comes from ``state.step``, equal to ``step``)."""
-        return self._step(state, *self._batch(data, index))
+        batch, layout = self._batch(data, index)
+        return self._step(state, batch, layout=layout)
 
     def _train_batch_sharded(self, state: TrainState, flat, data: Batchable, index: np.ndarray, step: int):
         """The batch split over ``self.devices`` (:func:`length_sorted_shards`), each shard cut to
@@ -184,8 +220,8 @@ class Trainer:
         results = []
         for shard, (part, device, params) in enumerate(zip(length_sorted_shards(data, index, len(self.devices)),
                                                            self.devices, replicas)):
-            batch = jax.device_put(self._batch(data, part), device)
-            results.append(self._shard_grad(params, *batch, step, shard, tokens))
+            batch, layout = self._batch(data, part)
+            results.append(self._shard_grad(params, jax.device_put(batch, device), step, shard, tokens, layout=layout))
         shard_losses, grads = zip(*jax.device_put(results, home))
         return self._apply(state, list(shard_losses), list(grads))
 

@@ -19,8 +19,9 @@ from p2g import (
 )
 from p2g.data import DataError, ReadReport
 from p2g.dropout import HashedDropout, keep_mask
-from p2g.lstm import live_steps, stepped_cell_scan
-from p2g.model import masked_lstm_scan, reverse_within_length, sequence_loss
+from p2g.data import pack_words
+from p2g.lstm import stepped_cell_scan
+from p2g.model import Words, from_padded, masked_lstm_scan, sequence_loss, summed_nll, to_padded
 from p2g.train import length_sorted_shards, shard_sizes
 from tests.conftest import run_cli
 
@@ -72,18 +73,27 @@ def test_masked_scan_is_the_cell_stepped_in_a_loop(x64):
         assert not np.any(np.asarray(outputs[b, int(lengths[b]) :]))
 
 
+def reverse_each(x, lengths):
+    """Each row's first ``length`` steps reversed, padding left in place (numpy, for reference)."""
+    x = np.array(x)
+    for b, n in enumerate(np.asarray(lengths)):
+        x[b, :n] = x[b, :n][::-1]
+    return x
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("lengths", [(7, 3, 0, 5), (5, 3, 0, 2)], ids=["longest-fills-the-width", "dead-tail"])
-def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64, lengths):
+def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64, lengths, reverse):
     """The hand-written gradient of p2g.lstm (hoisted products, reverse loop over dh and dc)
     equals autodiff through a plain masked scan of the cell: for the kernels, the bias, the
     inputs and the initial carry, with sequences of full, partial and zero length, and with
-    steps at the end that are dead for every sequence (the loops stop before them)."""
+    steps at the end that are dead for every sequence (the loops stop before them). Reading
+    each word backwards is the plain scan over the words reversed within their lengths."""
     cell = nnx.OptimizedLSTMCell(5, 4, rngs=nnx.Rngs(1), param_dtype=jnp.float64)
     graph, params = nnx.split(cell)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((4, 7, 5)))
     lengths = jnp.array(lengths)
-    assert int(live_steps(jnp.arange(7)[:, None] < lengths[None, :])) == max(lengths)
     carry0 = (jnp.asarray(rng.standard_normal((4, 4))), jnp.asarray(rng.standard_normal((4, 4))))
     w_out, w_c, w_h = (jnp.asarray(rng.standard_normal(s)) for s in ((4, 7, 4), (4, 4), (4, 4)))
 
@@ -93,8 +103,14 @@ def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64, len
             return jnp.sum(w_out * jnp.tanh(out)) + jnp.sum(w_c * c) + jnp.sum(w_h * h**2)
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
-    value, grads = objective(masked_lstm_scan)(params, x, carry0)
-    ref_value, ref_grads = objective(stepped_cell_scan)(params, x, carry0)
+    def reference(cell, x, lengths, carry):
+        flip = (lambda a: jnp.asarray(reverse_each(a, lengths))) if reverse else (lambda a: a)
+        index = flip(np.broadcast_to(np.arange(x.shape[1]), x.shape[:2]))  # a reversal as a gather, so it has a gradient
+        carry, out = stepped_cell_scan(cell, jnp.take_along_axis(x, index[..., None], axis=1), lengths, carry)
+        return carry, jnp.take_along_axis(out, index[..., None], axis=1)
+
+    value, grads = objective(lambda *a: masked_lstm_scan(*a, reverse=reverse))(params, x, carry0)
+    ref_value, ref_grads = objective(reference)(params, x, carry0)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     flat, ref_flat = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
     assert len(flat) == len(ref_flat) == 6  # W_x, W_h, b, inputs, c0, h0
@@ -117,12 +133,48 @@ def test_lstm_benchmark_times_both_gradients_and_finds_them_equal(capsys):
     assert float(out.rsplit("at most ", 1)[1].split()[0]) < 1e-5
 
 
-def test_reverse_within_length_is_an_involution():
-    x = jnp.arange(12).reshape(2, 6)
-    lengths = jnp.array([4, 6])
-    rev = reverse_within_length(x, lengths)
-    np.testing.assert_array_equal(rev, [[3, 2, 1, 0, 4, 5], [11, 10, 9, 8, 7, 6]])
-    np.testing.assert_array_equal(reverse_within_length(rev, lengths), x)
+def test_pack_words_lays_words_end_to_end_and_to_padded_undoes_it():
+    padded = np.array([[4, 5, 6, 0], [0, 0, 0, 0], [7, 8, 9, 10], [11, 0, 0, 0]], np.int32)
+    lengths = np.array([3, 0, 4, 1], np.int32)
+    tokens, starts = pack_words(padded, lengths, multiple=16)
+    np.testing.assert_array_equal(tokens, [4, 5, 6, 7, 8, 9, 10, 11] + [PAD] * 8)
+    np.testing.assert_array_equal(starts, [0, 3, 3, 7])
+    words = Words(jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(lengths))
+    rows = jnp.asarray(np.arange(16.0)[:, None] * [1.0, -1.0])  # (P, 2)
+    back = to_padded(rows, words, 4)
+    np.testing.assert_array_equal(back[..., 0], np.where(padded != PAD, [[0, 1, 2, 0], [0] * 4, [3, 4, 5, 6], [7, 0, 0, 0]], 0))
+    np.testing.assert_array_equal(from_padded(back, words)[:, 0], np.where(np.arange(16) < 8, np.arange(16), 0))
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_packed_words_give_the_padded_batch_loss_and_gradient(attention):
+    """Training's packed layout (words end to end, rows past the last word PAD) is the same
+    function as the padded batch: loss and every parameter's gradient."""
+    model = small_model(attention)
+    graph, params = nnx.split(model)
+    rng = np.random.default_rng(2)
+    B, S, T = 5, 7, 6
+    src_len, tgt_len = rng.integers(1, S + 1, B).astype(np.int32), rng.integers(1, T + 1, B).astype(np.int32)
+    src = np.where(np.arange(S) < src_len[:, None], rng.integers(3, 12, (B, S)), PAD).astype(np.int32)
+    tgt_in, tgt_out = (np.where(np.arange(T) < tgt_len[:, None], rng.integers(3, 10, (B, T)), PAD).astype(np.int32)
+                       for _ in range(2))
+
+    def padded(params):
+        return summed_nll(nnx.merge(graph, params)(src, src_len, tgt_in), tgt_out)
+
+    packs = [pack_words(a, n, multiple=32) for a, n in ((src, src_len), (tgt_in, tgt_len), (tgt_out, tgt_len))]
+    assert all(len(tokens) > n.sum() for (tokens, _), n in zip(packs, (src_len, tgt_len)))  # PAD rows at the end
+
+    def packed(params):
+        (s, s0), (ti, t0), (to, _) = packs
+        logits = nnx.merge(graph, params).packed(Words(s, s0, src_len), Words(ti, t0, tgt_len), (S, T) if attention else None)
+        return summed_nll(logits, to)
+
+    value, grads = jax.value_and_grad(padded)(params)
+    packed_value, packed_grads = jax.value_and_grad(packed)(params)
+    assert float(packed_value) == pytest.approx(float(value), rel=1e-6)
+    for g, r in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(r))))
 
 
 @pytest.mark.parametrize("attention", [False, True])
