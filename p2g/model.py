@@ -65,7 +65,7 @@ def from_padded(x, words: Words):
     B, W = x.shape[:2]
     starts, lengths = jnp.asarray(words.starts), jnp.asarray(words.lengths)
     rows = jnp.arange(words.tokens.shape[0])
-    b = jnp.clip(jnp.searchsorted(starts, rows, side="right") - 1, 0, B - 1)
+    b = jnp.clip(jnp.sum(starts[None, :] <= rows[:, None], axis=1) - 1, 0, B - 1)  # the last word starting at or before
     t = rows - starts[b]
     index = jnp.where((t >= 0) & (t < lengths[b]), b * W + t, B * W)
     return x.reshape((B * W,) + x.shape[2:]).at[index].get(mode="fill", fill_value=0)

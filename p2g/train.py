@@ -1,16 +1,19 @@
 """Pure, jit-compiled Adam training of :class:`p2g.model.Seq2Seq` and batched decoding.
 
 As in :mod:`cnn.train`: the model is split once into a static graph and its parameters; a step
-is a pure function of arrays. Each batch is cut to its longest source and target rounded up to a
-multiple of 8 (:func:`batch_widths`), so jit compiles a handful of shapes, not one per batch,
-and short words are not padded to the longest word in the data.
+is a pure function of arrays. Without attention a batch's words are laid end to end
+(:func:`p2g.data.pack_words`; rows: its token count rounded up to a multiple of 128), so the
+LSTMs' products skip the padding (docs/performance.md, item 15); with attention, which needs
+static widths, a batch is cut to its longest source and target rounded up to a multiple of 8
+(:func:`batch_widths`). Either way jit compiles a handful of shapes, not one per batch, and the
+batch travels as one int32 vector (:class:`Layout`).
 Batches come from a per-epoch permutation seeded by (seed, epoch), dropout keys from
 (seed, step), so a resumed run repeats an uninterrupted one exactly.
 
 Data parallel without collectives: given ``devices`` (N > 1 entries), each batch is sorted by
 word length and cut into N shards, the shortest words first and in the largest shard
-(:func:`length_sorted_shards`; each shard is cut to its own widths, so the short words do not
-pay for the long ones' padding; docs/performance.md, item 13). Shard i goes to ``devices[i]``
+(:func:`length_sorted_shards`; each shard is cut to its own widths or rows, so the short words do
+not pay for the long ones' padding; docs/performance.md, item 13). Shard i goes to ``devices[i]``
 with its own copy of the parameters and dropout key fold_in(key, i), every device computes the
 gradient of sum(nll of its shard) / (tokens in the whole batch), and ``devices[0]`` adds the N
 gradients (their sum is the gradient of the batch's mean loss) and applies Adam. JAX dispatches
@@ -71,9 +74,9 @@ def length_sorted_shards(data: Batchable, index: np.ndarray, n: int) -> list[np.
 
 
 class Layout(NamedTuple):
-    """Where the parts of a packed batch lie in its one int32 vector (static under jit): B
-    examples; source rows, target rows (:func:`p2g.data.pack_words`); the widths (S, T) that
-    attention lays the words out in, None without attention."""
+    """Where the parts of a batch lie in its one int32 vector (static under jit): B examples;
+    source rows, target rows; ``widths`` None for packed words (:func:`p2g.data.pack_words`), or
+    (S, T) for a padded batch (rows B*S and B*T; what attention trains on)."""
 
     examples: int
     src_rows: int
@@ -99,7 +102,10 @@ class TrainState(NamedTuple):
 
 
 class Trainer:
-    pack_multiple = 64  # packed batches' rows are rounded up to this (docs/performance.md, item 15)
+    # Without attention, a packed shard's rows are its token count rounded up to this; attention
+    # needs the padded widths as static shapes, so its batches stay padded (docs/performance.md,
+    # item 15).
+    pack_multiple = 128
 
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
                  lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None):
@@ -134,9 +140,13 @@ class Trainer:
 
     def _loss(self, params, src: Words, tgt_in: Words, tgt_out, key, tokens, widths):
         """sum of the NLL of these examples' target tokens (``tgt_out`` (P,), at the rows of
-        ``tgt_in``) / ``tokens``."""
-        model = nnx.merge(self.train_graph, params, copy=True)
-        return summed_nll(model.packed(src, tgt_in, widths, rngs=nnx.Rngs(dropout=key)), tgt_out) / tokens
+        ``tgt_in``) / ``tokens``; ``widths`` as in :class:`Layout`."""
+        model, rngs = nnx.merge(self.train_graph, params, copy=True), nnx.Rngs(dropout=key)
+        if widths is None:
+            return summed_nll(model.packed(src, tgt_in, rngs=rngs), tgt_out) / tokens
+        B, (S, T) = src.lengths.shape[0], widths  # padded rows: starts b*S, b*T
+        logits = model(src.tokens.reshape(B, S), src.lengths, tgt_in.tokens.reshape(B, T), rngs)
+        return summed_nll(logits, tgt_out.reshape(B, T)) / tokens
 
     def _update(self, state: TrainState, grads) -> TrainState:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -193,15 +203,19 @@ class Trainer:
         return state, float(jnp.mean(jnp.stack(losses)))
 
     def _batch(self, data: Batchable, index: np.ndarray):
-        """The examples ``index`` packed (:func:`p2g.data.pack_words`) into one int32 vector, and
-        its :class:`Layout` (:func:`split_batch` takes them apart; tgt_out lies at tgt_in's rows,
-        attention's widths are :func:`batch_widths`)."""
+        """The examples ``index`` as one int32 vector and its :class:`Layout` (:func:`split_batch`
+        takes them apart; tgt_out lies at tgt_in's rows): packed words without attention
+        (:func:`p2g.data.pack_words`), padded to :func:`batch_widths` with it."""
         src_len, tgt_len = data.src_len[index], data.tgt_len[index].astype(np.int32)
-        m = self.pack_multiple
-        src, src_starts = pack_words(data.src[index], src_len, m)
-        tgt_in, tgt_starts = pack_words(data.tgt_in[index], tgt_len, m)
-        tgt_out, _ = pack_words(data.tgt_out[index], tgt_len, m)
-        widths = batch_widths(data, index) if self.attention else None
+        if self.attention:  # padded: attention needs the widths as static shapes anyway
+            widths = S, T = batch_widths(data, index)
+            src, tgt_in, tgt_out = data.src[index, :S].ravel(), data.tgt_in[index, :T].ravel(), data.tgt_out[index, :T].ravel()
+            src_starts, tgt_starts = np.arange(len(index)) * S, np.arange(len(index)) * T
+        else:
+            widths, m = None, self.pack_multiple
+            src, src_starts = pack_words(data.src[index], src_len, m)
+            tgt_in, tgt_starts = pack_words(data.tgt_in[index], tgt_len, m)
+            tgt_out, _ = pack_words(data.tgt_out[index], tgt_len, m)
         vector = np.concatenate([src, src_starts, src_len, tgt_in, tgt_out, tgt_starts, tgt_len]).astype(np.int32)
         return vector, Layout(len(index), len(src), len(tgt_in), widths)
 

