@@ -66,8 +66,9 @@ def shard_sizes(batch: int, n: int) -> list[int]:
 
 def length_sorted_shards(data: Batchable, index: np.ndarray, n: int) -> list[np.ndarray]:
     """The batch ``index`` cut into ``n`` shards of :func:`shard_sizes`, after sorting it by word
-    length (phonemes + letters; stable). Each shard is padded to its own longest word, so the
-    short words no longer pay for the long ones' widths; the union is the same batch."""
+    length (phonemes + letters; stable). Each shard is then packed or padded on its own
+    (:meth:`Trainer._batch`), so the short words no longer pay for the long ones' widths; the
+    union is the same batch."""
     lengths = data.src_len[index] + data.tgt_len[index]
     ordered = index[np.argsort(lengths, kind="stable")]
     return np.split(ordered, np.cumsum(shard_sizes(len(index), n))[:-1])
@@ -225,9 +226,9 @@ class Trainer:
         return self._step(state, batch, layout=layout)
 
     def _train_batch_sharded(self, state: TrainState, flat, data: Batchable, index: np.ndarray, step: int):
-        """The batch split over ``self.devices`` (:func:`length_sorted_shards`), each shard cut to
-        its own widths; ``flat`` is ``state.params`` as one vector. Returns (state, loss, the new
-        flat parameters)."""
+        """The batch split over ``self.devices`` (:func:`length_sorted_shards`), each shard packed
+        or cut to its own widths (:meth:`_batch`); ``flat`` is ``state.params`` as one vector.
+        Returns (state, loss, the new flat parameters)."""
         home, others = self.devices[0], self.devices[1:]
         tokens = max(int(np.sum(data.tgt_len[index])), 1)
         replicas = [flat] + [jax.device_put(flat, device) for device in others]
