@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from p2g.dropout import HashedDropout
+
 NUM_CLASSES = 6
 IMAGE_SHAPE = (48, 48, 3)
 CHANNELS = (32, 64, 128)
@@ -86,7 +88,7 @@ class ConvBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, batch_norm: bool, rngs: nnx.Rngs):
         self.conv = nnx.Conv(in_channels, out_channels, (3, 3), strides=1, padding=1, rngs=rngs)
         self.norm = nnx.BatchNorm(out_channels, momentum=0.9, rngs=rngs) if batch_norm else Identity()
-        self.dropout = nnx.Dropout(DROPOUT)
+        self.dropout = HashedDropout(DROPOUT)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         x = max_pool_2x2(nnx.relu(self.norm(self.conv(x))))
@@ -99,7 +101,10 @@ class CNN(nnx.Module):
     ``batch_norm`` switches between the baseline and the BN + global-average-pooling variant.
     Train/eval mode (dropout, BatchNorm statistics) follows ``model.train()`` / ``model.eval()``;
     in train mode dropout draws from ``rngs`` (its ``dropout`` stream), passed per call so that
-    the model's state holds only arrays (parameters and BatchNorm statistics).
+    the model's state holds only arrays (parameters and BatchNorm statistics). Dropout is
+    :class:`p2g.dropout.HashedDropout` (each mask a hash of the element's index and a fresh key),
+    not ``nnx.Dropout``, whose Threefry masks XLA:CPU computes in loops of their own: 4-12% of a
+    training step here (docs/performance.md, item 16).
     BatchNorm momentum 0.9 matches PyTorch's default running-average update (0.1 of the new batch).
     """
 
@@ -111,7 +116,7 @@ class CNN(nnx.Module):
         features = CHANNELS[-1] if batch_norm else side * side * CHANNELS[-1]
         self.fc1 = nnx.Linear(features, 1024, rngs=rngs)
         self.norm = nnx.BatchNorm(1024, momentum=0.9, rngs=rngs) if batch_norm else Identity()
-        self.dropout = nnx.Dropout(DROPOUT)
+        self.dropout = HashedDropout(DROPOUT)
         self.fc2 = nnx.Linear(1024, 512, rngs=rngs)
         self.fc3 = nnx.Linear(512, NUM_CLASSES, rngs=rngs)
 
