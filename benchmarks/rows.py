@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._xla import data_parallel_devices, request_cpu_devices, retain_freed_memory, tune_cpu
+from experiments._xla import cnn_retains_memory, data_parallel_devices, request_cpu_devices, tune_cpu
 
 try:
     import torch
@@ -120,37 +120,42 @@ def matmul_rows(quick: bool) -> list[Row]:
     return [Row(f"matmul_f32_{n}", "GFLOP/s", flops / 1e9, ours, theirs, flops)]
 
 
-def cnn_rows(quick: bool) -> list[Row]:
+def cnn_rows(quick: bool, B: int) -> list[Row]:
+    """Training rows at batch ``B`` for both variants, and at batch 64 the evaluation rows too
+    (1,000 images in batches of 250: the C allocator setting of batch 64's process suits their
+    large buffers, PyTorch's as well; under glibc's own settings PyTorch evaluated 2.5-2.9x slower,
+    ours 1.1-1.2x, docs/performance.md item 16)."""
     from cnn.train import Trainer
 
     rows = []
     rng = np.random.default_rng(0)
     for batch_norm in (False, True):
         variant = "bn" if batch_norm else "baseline"
-        for B in (8, 64):
-            steps = 2 if quick else max(8, 1024 // B)  # 1024 images a call (8 steps at batch 64 in --quick: 2)
-            n = steps * B
-            images = rng.integers(0, 256, (n, 48, 48, 3), dtype=np.uint8)
-            labels = rng.integers(0, 6, n).astype(np.int32)
-            trainer = Trainer(batch_norm, 0.01, B)
-            state = [trainer.init_state()]
-            dev_images, dev_labels = trainer.put(images), trainer.put(labels)
+        steps = 2 if quick else max(8, 1024 // B)  # 1024 images a call (8 steps at batch 64 in --quick: 2)
+        n = steps * B
+        images = rng.integers(0, 256, (n, 48, 48, 3), dtype=np.uint8)
+        labels = rng.integers(0, 6, n).astype(np.int32)
+        trainer = Trainer(batch_norm, 0.01, B)
+        state = [trainer.init_state()]
+        dev_images, dev_labels = trainer.put(images), trainer.put(labels)
 
-            def ours(trainer=trainer, state=state, dev_images=dev_images, dev_labels=dev_labels):
-                state[0], _ = trainer.train_epoch(state[0], dev_images, dev_labels, epoch=0)  # syncs on the loss
+        def ours(trainer=trainer, state=state, dev_images=dev_images, dev_labels=dev_labels):
+            state[0], _ = trainer.train_epoch(state[0], dev_images, dev_labels, epoch=0)  # syncs on the loss
 
-            theirs = None
-            if torch is not None:
-                model = torch_ref.TorchCNN(batch_norm)
-                optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-                timg, tlab = torch.from_numpy(images), torch.from_numpy(labels).long()
-                batches = [torch.from_numpy(i.astype(np.int64)) for i in trainer.epoch_batches(n, 0)]
+        theirs = None
+        if torch is not None:
+            model = torch_ref.TorchCNN(batch_norm)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            timg, tlab = torch.from_numpy(images), torch.from_numpy(labels).long()
+            batches = [torch.from_numpy(i.astype(np.int64)) for i in trainer.epoch_batches(n, 0)]
 
-                def theirs(model=model, optimizer=optimizer, timg=timg, tlab=tlab, batches=batches):
-                    for index in batches:
-                        torch_ref.cnn_train_step(model, optimizer, timg[index], tlab[index])
+            def theirs(model=model, optimizer=optimizer, timg=timg, tlab=tlab, batches=batches):
+                for index in batches:
+                    torch_ref.cnn_train_step(model, optimizer, timg[index], tlab[index])
 
-            rows.append(Row(f"cnn_train_{variant}_b{B}", "images/s", n, ours, theirs, 3 * n * cnn_forward_flops(batch_norm)))
+        rows.append(Row(f"cnn_train_{variant}_b{B}", "images/s", n, ours, theirs, 3 * n * cnn_forward_flops(batch_norm)))
+        if B != 64:
+            continue
         n = 250 if quick else 1000
         images = rng.integers(0, 256, (n, 48, 48, 3), dtype=np.uint8)
         labels = rng.integers(0, 6, n).astype(np.int32)
@@ -300,30 +305,39 @@ def hopfield_rows(quick: bool) -> list[Row]:
 BUILDERS = {"matmul": matmul_rows, "cnn": cnn_rows, "p2g": p2g_rows, "hopfield": hopfield_rows}
 
 
-def setup_process(group: str, args) -> None:
+def setup_process(group: str, args, batch: int | None = None) -> None:
     """Set this process up as the command-line tool of ``group`` sets itself up, before the first
-    computation: ``experiments.cnn`` tunes XLA:CPU and the C allocator (experiments/_xla.py),
-    ``experiments.p2g`` asks for two host devices; P2G and Hopfield keep XLA's defaults. Why a
-    process per group: the allocator setting of the CNN (one malloc arena) slows the P2G step,
-    whose two devices allocate from two threads at once (docs/performance.md)."""
+    computation: ``experiments.cnn`` tunes XLA:CPU, and the C allocator from batch 32 on
+    (experiments/_xla.py), ``experiments.p2g`` asks for two host devices; P2G and Hopfield keep
+    XLA's defaults. Why a process per group, and per batch size for the CNN: the allocator
+    setting (one malloc arena) slows the P2G step, whose two devices allocate from two threads at
+    once, and the CNN's steps at batch 8 (docs/performance.md)."""
     if group == "cnn" and not args.xla_defaults:
         tune_cpu()
-        retain_freed_memory()
+        cnn_retains_memory(batch)
     if group == "p2g":
         request_cpu_devices(args.p2g_devices)
 
 
-def run_group(group: str, args, out: Path) -> None:
-    """Time the matmul peak and ``group``'s rows in this process; write them to ``out`` (JSON)."""
-    setup_process(group, args)
+def run_group(process: str, args, out: Path) -> None:
+    """Time the matmul peak and the rows of ``process`` (a group, or ``cnn-b<batch>``) in this
+    process; write them to ``out`` (JSON)."""
+    group, _, batch = process.partition("-b")
+    batch = int(batch) if batch else None
+    setup_process(group, args, batch)
     rounds = 1 if args.quick else args.rounds
     torch_desc = f"torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "torch not installed"
-    print(f"[{group}] {os.cpu_count()} CPU(s); jax {jax.__version__} on {jax.devices()[0].device_kind} "
+    print(f"[{process}] {os.cpu_count()} CPU(s); jax {jax.__version__} on {jax.devices()[0].device_kind} "
           f"x{jax.local_device_count()}; {torch_desc}; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}",
           flush=True)
     results, peak = [], None
     for rows_of in ("matmul", group):
-        rows = p2g_rows(args.quick, args.p2g_devices) if rows_of == "p2g" else BUILDERS[rows_of](args.quick)
+        if rows_of == "p2g":
+            rows = p2g_rows(args.quick, args.p2g_devices)
+        elif rows_of == "cnn":
+            rows = cnn_rows(args.quick, batch)
+        else:
+            rows = BUILDERS[rows_of](args.quick)
         for row in rows:
             r = 1 if args.quick else (args.p2g_rounds if row.per_call else rounds)
             t = measure(row, r, warm_up=not args.quick)
@@ -334,7 +348,7 @@ def run_group(group: str, args, out: Path) -> None:
                             "torch": value(t.theirs_s), "ratio": None if t.theirs_s is None else t.theirs_s / t.ours_s,
                             "flop_rate": None if row.flops is None else row.flops / t.ours_s,
                             "first_call_s": t.first_call_s, "note": row.note})
-            print(f"  [{group}] timed {row.name}", flush=True)
+            print(f"  [{process}] timed {row.name}", flush=True)
     out.write_text(json.dumps({"peak": peak, "rows": results}))
 
 

@@ -2,7 +2,8 @@
 
     python -m benchmarks.run [--quick] [--rounds 5] [--only cnn p2g ...]
 
-Each group of rows (cnn, p2g, hopfield) runs in a fresh process of its own (:mod:`benchmarks.rows`),
+Each group of rows (cnn, p2g, hopfield) runs in a fresh process of its own (:mod:`benchmarks.rows`;
+the CNN's in one per batch size, 8 and 64),
 set up as its command-line tool sets itself up (:func:`benchmarks.rows.setup_process`; both
 sides run under those settings), with a float32 matmul that measures the machine's peak; this
 process only starts them and prints the table, and imports neither jax nor torch. Each row times
@@ -26,7 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-GROUPS = ("cnn", "p2g", "hopfield")  # each process also times the matmul peak first
+GROUPS = ("cnn", "p2g", "hopfield")
+# the processes of each group (each also times the matmul peak first); the CNN's tool sets the C
+# allocator up by batch size (experiments._xla.cnn_retains_memory), so each batch size has its own
+PROCESSES = {"cnn": ("cnn-b8", "cnn-b64"), "p2g": ("p2g",), "hopfield": ("hopfield",)}
 
 
 def main(argv=None) -> int:
@@ -44,20 +48,20 @@ def main(argv=None) -> int:
     if args.rounds < 1 or args.p2g_rounds < 1 or (args.p2g_devices is not None and args.p2g_devices < 1):
         parser.error("--rounds, --p2g-rounds and --p2g-devices must be at least 1")
     options = json.dumps(vars(args))
-    groups = [g for g in GROUPS if g in args.only]
-    print(f"each group in a process of its own, set up as its command-line tool: {', '.join(groups)}"
+    processes = [p for g in GROUPS if g in args.only for p in PROCESSES[g]]
+    print(f"each group in a process of its own, set up as its command-line tool: {', '.join(processes)}"
           f"{'; --quick: figures mean nothing' if args.quick else ''}", flush=True)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for group in groups:
-            out = Path(tmp, f"{group}.json")
-            child = subprocess.Popen([sys.executable, "-m", "benchmarks.rows", group, str(out), options],
+        for process in processes:
+            out = Path(tmp, f"{process}.json")
+            child = subprocess.Popen([sys.executable, "-m", "benchmarks.rows", process, str(out), options],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      cwd=Path(__file__).resolve().parents[1])
             for line in child.stdout:  # relayed, so that progress shows and callers capturing stdout see it
                 print(line, end="", flush=True)
             if child.wait() != 0:
-                print(f"error: the {group} rows failed (exit status {child.returncode})", file=sys.stderr)
+                print(f"error: the {process} rows failed (exit status {child.returncode})", file=sys.stderr)
                 return 1
             runs.append(json.loads(out.read_text()))
 

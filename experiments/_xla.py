@@ -8,8 +8,10 @@ rewrites into slow reduce-window trees) took the BN step at batch 64 from 123 to
 
 :func:`retain_freed_memory` keeps the C allocator from handing large freed buffers back to the
 kernel, which otherwise maps them afresh (and page-faults them in) on every training step. Only
-the CNN's tool applies it: with its single malloc arena the P2G step, split over two devices
-that allocate from two threads at once, ran 30% slower (docs/performance.md).
+the CNN's tool applies it, and only where a step has such buffers (:func:`cnn_retains_memory`):
+its single malloc arena costs small steps more than it saves them, and with it the P2G step,
+split over two devices that allocate from two threads at once, ran 30% slower
+(docs/performance.md).
 
 XLA reads ``XLA_FLAGS`` once, when the first computation initialises the backend, so
 :func:`tune_cpu` must run before any array is created. A flag the user already set in
@@ -68,6 +70,23 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in
                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+
+
+# glibc maps a request above its largest dynamic mmap threshold (32 MiB) afresh each time, and a
+# thread's arena cannot serve one above 64 MiB; the CNN step's largest buffers grow with the
+# images it holds, about 1.25 MB an image (two of about 80 MB at batch 64).
+RETAIN_FROM_IMAGES = 32
+
+
+def cnn_retains_memory(images_per_step: int) -> bool:
+    """Apply :func:`retain_freed_memory` for a CNN training step over ``images_per_step`` images
+    (the batch size, times the models of a vmapped sweep), where it pays: from
+    :data:`RETAIN_FROM_IMAGES` images on. Measured on the BN step (A/B in one process, glibc's own
+    settings against these): batch 64 133-142 -> 98-105 ms (21,000 page faults a step -> 0),
+    batch 32 77.5 -> 53.1 ms, but batch 16 24.5 -> 27.1 ms and batch 8 12.5-13.5 -> 15.4-15.7 ms,
+    where the one arena's lock and longer free lists cost more than the faults it saves
+    (docs/performance.md, item 16). Returns whether the setting was applied."""
+    return images_per_step >= RETAIN_FROM_IMAGES and retain_freed_memory()
 
 
 def request_cpu_devices(n: int | None = None) -> None:

@@ -26,7 +26,7 @@ from cnn.model import count_params
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from experiments._checkpoint import Checkpoints, is_checkpoint_dir
 from experiments._cnn_plots import plot_confusion, plot_curves
-from experiments._xla import retain_freed_memory, tune_cpu
+from experiments._xla import cnn_retains_memory, tune_cpu
 from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
 
 
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     args = parser.parse_args(argv)
     tune_cpu()  # before the first computation (see experiments/_xla.py)
-    retain_freed_memory()
+    cnn_retains_memory(args.batch_size * (len(args.lr) if args.vmap_sweep else 1))
     if args.out is None:
         args.out = Path("runs/cnn-bn" if args.batch_norm else "runs/cnn")
     from cnn.train import default_devices

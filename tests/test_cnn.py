@@ -370,8 +370,9 @@ def test_tuned_xla_flags_respect_the_users(monkeypatch):
 FRESH_BUFFER_FAULTS = """
 import resource, sys, threading
 import numpy as np
-from experiments._xla import retain_freed_memory
-took = retain_freed_memory() if sys.argv[1] == "retain" else None
+from experiments._xla import cnn_retains_memory, retain_freed_memory
+mode = sys.argv[1]
+took = retain_freed_memory() if mode == "retain" else cnn_retains_memory(int(mode[4:])) if mode.startswith("cnn-") else None
 getattr(np._core.multiarray, "_set_madvise_hugepage", lambda on: None)(False)  # 4 KiB pages, as XLA's buffers
 faults = []
 
@@ -408,3 +409,8 @@ def test_retained_memory_is_reused_without_page_faults():
         pytest.skip("the C library is not glibc")
     assert took == "True" and retained < 2000
     assert faults("default")[1] > 10 * max(retained, 1)  # the control: what the setting avoids (24,576 here)
+    # the CNN's tool applies it from 32 images a step on, not below
+    took, large = faults("cnn-64")
+    assert took == "True" and large < 2000
+    took, small = faults("cnn-8")
+    assert took == "False" and small > 10 * max(retained, 1)
