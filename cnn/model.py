@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cnn.dense import Linear
 from p2g.dropout import HashedDropout
 
 NUM_CLASSES = 6
@@ -114,11 +115,11 @@ class CNN(nnx.Module):
         self.blocks = nnx.List([ConvBlock(i, o, batch_norm, rngs) for i, o in zip(ins, CHANNELS)])
         side = IMAGE_SHAPE[0] // 2 ** len(CHANNELS)
         features = CHANNELS[-1] if batch_norm else side * side * CHANNELS[-1]
-        self.fc1 = nnx.Linear(features, 1024, rngs=rngs)
+        self.fc1 = Linear(features, 1024, rngs=rngs)
         self.norm = nnx.BatchNorm(1024, momentum=0.9, rngs=rngs) if batch_norm else Identity()
         self.dropout = HashedDropout(DROPOUT)
-        self.fc2 = nnx.Linear(1024, 512, rngs=rngs)
-        self.fc3 = nnx.Linear(512, NUM_CLASSES, rngs=rngs)
+        self.fc2 = Linear(1024, 512, rngs=rngs)
+        self.fc3 = Linear(512, NUM_CLASSES, rngs=rngs)
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         chex.assert_rank(images, 4)

@@ -67,6 +67,26 @@ def test_train_mode_uses_dropout_and_batch_statistics():
     np.testing.assert_array_equal(model(x), model(x))  # eval is deterministic
 
 
+def test_dense_layer_matches_nnx_linear_and_its_autodiff_gradient(x64):
+    from cnn.dense import Linear, dense
+
+    rng = np.random.default_rng(0)
+    x, kernel, bias, weights = (jnp.asarray(rng.standard_normal(shape)) for shape in ((5, 7), (7, 3), (3,), (5, 3)))
+    ours = lambda x, k, b: jnp.sum(weights * dense(x, k, b))  # a cotangent with no symmetry to hide a transpose
+    reference = lambda x, k, b: jnp.sum(weights * (x @ k + b))
+    np.testing.assert_allclose(ours(x, kernel, bias), reference(x, kernel, bias), rtol=1e-12)
+    for a, b in zip(jax.grad(ours, argnums=(0, 1, 2))(x, kernel, bias), jax.grad(reference, argnums=(0, 1, 2))(x, kernel, bias)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    ours_jit = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, kernel, bias)  # as compiled, barriers included
+    for a, b in zip(ours_jit, jax.grad(reference, argnums=(0, 1, 2))(x, kernel, bias)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # same parameters and initialisation as nnx.Linear
+    layer, plain = Linear(7, 3, rngs=nnx.Rngs(0)), nnx.Linear(7, 3, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(layer.kernel.value, plain.kernel.value)
+    np.testing.assert_allclose(layer(x), plain(x), rtol=1e-12)
+
+
 def test_max_pool_matches_reduce_window_values_and_gradients(x64):
     from cnn.model import max_pool_2x2
 
