@@ -35,9 +35,9 @@ from cnn.model import CNN, NUM_CLASSES
 
 def donated_state(devices) -> tuple[int, ...]:
     """``donate_argnums`` for the jitted steps: the state (argument 0) on accelerators, nothing on
-    a CPU. Donating the state lets XLA write the new parameters over the old ones, but XLA:CPU
-    then copies each parameter the step still reads after its update could run (the baseline's
-    19 MB ``fc1`` kernel every step): the baseline CNN's step took 19.7 ms at batch 8 donated and
+    a CPU. Donating the state lets XLA write the new parameters over the old ones, but there
+    XLA:CPU copied the baseline's 19 MB ``fc1`` kernel every step (a ``copy`` of it in the
+    compiled step, gone without donation): the baseline CNN's step took 19.7 ms at batch 8 donated and
     17.2 without, 93.3 and 86.9 ms at batch 64; the BN variant's did not move
     (docs/performance.md, item 16)."""
     return () if devices[0].platform == "cpu" else (0,)

@@ -84,8 +84,8 @@ def cnn_retains_memory(images_per_step: int) -> bool:
     :data:`RETAIN_FROM_IMAGES` images on. Measured on the BN step (A/B in one process, glibc's own
     settings against these): batch 64 133-142 -> 98-105 ms (21,000 page faults a step -> 0),
     batch 32 77.5 -> 53.1 ms, but batch 16 24.5 -> 27.1 ms and batch 8 12.5-13.5 -> 15.4-15.7 ms,
-    where the one arena's lock and longer free lists cost more than the faults it saves
-    (docs/performance.md, item 16). Returns whether the setting was applied."""
+    where the one arena costs more than the faults it saves (``perf``: 5% of the batch 8 step in
+    ``malloc``, and futex wake-ups; docs/performance.md, item 16). Returns whether the setting was applied."""
     return images_per_step >= RETAIN_FROM_IMAGES and retain_freed_memory()
 
 
