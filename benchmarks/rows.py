@@ -302,7 +302,13 @@ def hopfield_rows(quick: bool) -> list[Row]:
                 note=f"{N} patterns of dim {D}, {steps} CCCP steps")]
 
 
-BUILDERS = {"matmul": matmul_rows, "cnn": cnn_rows, "p2g": p2g_rows, "hopfield": hopfield_rows}
+# each group's rows from (the options of benchmarks.run, the CNN process's batch size)
+BUILDERS = {
+    "matmul": lambda args, batch: matmul_rows(args.quick),
+    "cnn": lambda args, batch: cnn_rows(args.quick, batch),
+    "p2g": lambda args, batch: p2g_rows(args.quick, args.p2g_devices),
+    "hopfield": lambda args, batch: hopfield_rows(args.quick),
+}
 
 
 def setup_process(group: str, args, batch: int | None = None) -> None:
@@ -332,13 +338,7 @@ def run_group(process: str, args, out: Path) -> None:
           flush=True)
     results, peak = [], None
     for rows_of in ("matmul", group):
-        if rows_of == "p2g":
-            rows = p2g_rows(args.quick, args.p2g_devices)
-        elif rows_of == "cnn":
-            rows = cnn_rows(args.quick, batch)
-        else:
-            rows = BUILDERS[rows_of](args.quick)
-        for row in rows:
+        for row in BUILDERS[rows_of](args, batch):
             r = 1 if args.quick else (args.p2g_rounds if row.per_call else rounds)
             t = measure(row, r, warm_up=not args.quick)
             if rows_of == "matmul":
