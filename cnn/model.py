@@ -14,66 +14,17 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from cnn.dense import Linear
+from cnn.norm_pool import batch_norm_relu_pool
+from cnn.pool import max_pool_2x2
 from p2g.dropout import HashedDropout
 
 NUM_CLASSES = 6
 IMAGE_SHAPE = (48, 48, 3)
 CHANNELS = (32, 64, 128)
 DROPOUT = 0.1
-
-
-def _windows(x: jax.Array) -> jax.Array:
-    """``(B, H, W, C) -> (B, H/2, 2, W/2, 2, C)``: axes 2 and 4 index a pixel inside its 2x2 window."""
-    B, H, W, C = x.shape
-    return x.reshape(B, H // 2, 2, W // 2, 2, C)
-
-
-# Position code of each pixel of a window, row-major: [[0, 1], [2, 3]], broadcast against _windows.
-_WINDOW_CODES = np.arange(4, dtype=np.int8).reshape(1, 1, 2, 1, 2, 1)
-
-
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool, stride 2: ``(B, H, W, C) -> (B, H/2, W/2, C)``, H and W even.
-
-    y[b, i, j, c] = max over (p, q) in {0, 1}^2 of x[b, 2i + p, 2j + q, c]. The gradient goes
-    whole to one winner of each window, the first in row-major order where several tie (as
-    PyTorch's ``max_pool2d`` does): dL/dx[b, 2i + p, 2j + q, c] = dL/dy[b, i, j, c] if (p, q) is
-    the winner, else 0. The winner's position is computed once, in the forward pass, and kept
-    as an int8 code.
-
-    Why not ``lax.reduce_window`` or plain ``jnp.max``: XLA lowers the first's gradient to
-    select-and-scatter, which on XLA:CPU made the backward pass of the three pools cost more
-    than the convolutions (docs/performance.md); the second's gradient routes through
-    ``x == max(x)``, re-evaluated in the backward pass, and inside the jitted BN training step
-    that comparison went wrong: the gradients of the first two blocks differed from the
-    op-by-op ones by 20% even in float64, and changed by half under a 1e-7 change of the
-    parameters (docs/performance.md, item 9).
-    """
-    return _max_pool_fwd(x)[0]
-
-
-def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    w = _windows(x)
-    a, b, c, d = w[:, :, 0, :, 0], w[:, :, 0, :, 1], w[:, :, 1, :, 0], w[:, :, 1, :, 1]
-    top, bottom = jnp.maximum(a, b), jnp.maximum(c, d)
-    below = bottom > top  # ties go to the top row, then to the left column
-    right = jnp.where(below, d > c, b > a)
-    code = 2 * below.astype(jnp.int8) + right.astype(jnp.int8)
-    return jnp.maximum(top, bottom), code
-
-
-def _max_pool_bwd(code: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    B, h, w, C = g.shape
-    routed = jnp.where(code[:, :, None, :, None, :] == _WINDOW_CODES, g[:, :, None, :, None, :], 0)
-    return (routed.reshape(B, 2 * h, 2 * w, C),)
-
-
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Identity(nnx.Module):
@@ -84,7 +35,13 @@ class Identity(nnx.Module):
 
 
 class ConvBlock(nnx.Module):
-    """conv 3x3 -> [BatchNorm] -> ReLU -> max-pool 2x2 -> dropout: ``(B, H, W, C_in) -> (B, H/2, W/2, C_out)``."""
+    """conv 3x3 -> [BatchNorm] -> ReLU -> max-pool 2x2 -> dropout: ``(B, H, W, C_in) -> (B, H/2, W/2, C_out)``.
+
+    With BatchNorm in training mode, the convolution's output goes through
+    :func:`cnn.norm_pool.batch_norm_relu_pool` (the same function, its gradient written out:
+    fewer passes over the block's largest tensors), and the running statistics are updated here
+    as ``nnx.BatchNorm`` would: ``r <- momentum r + (1 - momentum) batch``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, batch_norm: bool, rngs: nnx.Rngs):
         self.conv = nnx.Conv(in_channels, out_channels, (3, 3), strides=1, padding=1, rngs=rngs)
@@ -92,7 +49,16 @@ class ConvBlock(nnx.Module):
         self.dropout = HashedDropout(DROPOUT)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        x = max_pool_2x2(nnx.relu(self.norm(self.conv(x))))
+        norm = self.norm
+        if isinstance(norm, nnx.BatchNorm) and not norm.use_running_average:
+            y = jax.lax.conv_general_dilated(
+                x, self.conv.kernel.value, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            x, mean, var = batch_norm_relu_pool(y, self.conv.bias.value, norm.scale.value, norm.bias.value, norm.epsilon)
+            norm.mean.value = jax.lax.stop_gradient(norm.momentum * norm.mean.value + (1 - norm.momentum) * mean)
+            norm.var.value = jax.lax.stop_gradient(norm.momentum * norm.var.value + (1 - norm.momentum) * var)
+        else:
+            x = max_pool_2x2(nnx.relu(norm(self.conv(x))))
         return self.dropout(x, rngs=rngs)
 
 

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from cnn import CNN, CLASS_NAMES, DataError, Trainer, count_params, load_kaggle, load_npz
+from cnn.pool import max_pool_2x2
 from cnn.train import nll_loss
 from experiments import cnn as cnn_cli
 from tests.conftest import run_cli
@@ -88,7 +89,6 @@ def test_dense_layer_matches_nnx_linear_and_its_autodiff_gradient(x64):
 
 
 def test_max_pool_matches_reduce_window_values_and_gradients(x64):
-    from cnn.model import max_pool_2x2
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 6, 3)))  # ties have probability 0
     reference = lambda x: nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
@@ -100,7 +100,6 @@ def test_max_pool_matches_reduce_window_values_and_gradients(x64):
 
 
 def test_max_pool_gives_a_tied_window_gradient_to_its_first_maximum():
-    from cnn.model import max_pool_2x2
 
     windows = np.array([[1, 1, 1, 1], [0, 2, 2, 2], [0, 1, 3, 3], [0, 1, 2, 4], [5, 0, 5, 0]], np.float32)
     x = jnp.asarray(windows.reshape(5, 2, 2).transpose(1, 0, 2).reshape(1, 2, 10, 1))  # the windows side by side
@@ -109,6 +108,61 @@ def test_max_pool_gives_a_tied_window_gradient_to_its_first_maximum():
     routed = np.asarray(grad).reshape(2, 5, 2).transpose(1, 0, 2).reshape(5, 4)
     winners = [0, 1, 2, 3, 0]  # row-major first maximum of each window
     np.testing.assert_array_equal(routed, np.eye(4)[winners] * np.arange(1.0, 6.0)[:, None])
+
+
+def _composed_norm_relu_pool(y, bias, scale, beta, eps):
+    """The reference for cnn.norm_pool: flax's training-mode statistics, relu and the pool, by autodiff."""
+    x = y + bias
+    mean = x.mean((0, 1, 2))
+    var = jnp.maximum((x * x).mean((0, 1, 2)) - mean * mean, 0.0)
+    z = (x - mean) * jax.lax.rsqrt(var + eps) * scale + beta
+    return max_pool_2x2(jax.nn.relu(z)), mean, var
+
+
+def test_fused_batch_norm_relu_pool_matches_autodiff_of_the_composed_layers(x64):
+    from cnn.norm_pool import batch_norm_relu_pool
+
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.standard_normal((3, 8, 6, 5)) + 0.7)
+    bias, scale, beta = (jnp.asarray(rng.standard_normal(5)) for _ in range(3))  # scale of both signs
+    cotangents = tuple(jnp.asarray(rng.standard_normal(s)) for s in ((3, 4, 3, 5), (5,), (5,)))
+    ours, ours_vjp = jax.vjp(lambda *a: batch_norm_relu_pool(*a, 1e-5), y, bias, scale, beta)
+    ref, ref_vjp = jax.vjp(lambda *a: _composed_norm_relu_pool(*a, 1e-5), y, bias, scale, beta)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert float(jnp.mean(ours[0] > 0)) > 0.3  # the ReLU passes some windows and stops others
+    for a, b in zip(ours_vjp(cotangents), ref_vjp(cotangents)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    jitted = jax.jit(lambda *a: jax.vjp(lambda *p: batch_norm_relu_pool(*p, 1e-5), *a)[1](cotangents))
+    for a, b in zip(jitted(y, bias, scale, beta), ref_vjp(cotangents)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bn_conv_block_in_training_mode_matches_nnx_batch_norm(x64):
+    """The fused training path of ConvBlock against nnx.Conv -> nnx.BatchNorm -> relu -> pool:
+    same output, running statistics and gradients (input and every parameter)."""
+    from cnn import ConvBlock
+
+    block = ConvBlock(3, 4, batch_norm=True, rngs=nnx.Rngs(0))
+    block.train()
+    block.conv.bias.value = jnp.asarray(np.random.default_rng(2).standard_normal(4))
+    block = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if a.dtype == jnp.float32 else a, block)
+    reference = nnx.clone(block)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 8, 3)))
+    weights = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 4, 4)))
+
+    def loss(module, x, fused):
+        out = module(x, nnx.Rngs(dropout=5)) if fused else module.dropout(
+            max_pool_2x2(nnx.relu(module.norm(module.conv(x)))), rngs=nnx.Rngs(dropout=5))
+        return jnp.sum(weights * out)
+
+    grads = [nnx.grad(loss, argnums=(0, 1))(m, x, fused) for m, fused in ((block, True), (reference, False))]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(jax.tree.leaves(nnx.state(block, nnx.BatchStat)), jax.tree.leaves(nnx.state(reference, nnx.BatchStat))):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert not np.allclose(block.norm.mean.value, 0.0)  # the statistics were updated
+    np.testing.assert_allclose(loss(block, x, True), loss(nnx.clone(reference), x, False), rtol=1e-12)
 
 
 def feeds_batch_norm(name: str) -> bool:
