@@ -88,7 +88,8 @@ class Trainer:
         model.eval()
         self.eval_graph, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
         self._init = (params, stats)
-        self._train_step = jax.jit(self._train_step_impl, donate_argnums=donated_state(devices))
+        self.donate = donated_state(devices)  # the jitted steps' donate_argnums, SweepTrainer's too
+        self._train_step = jax.jit(self._train_step_impl, donate_argnums=self.donate)
         self._evaluate = jax.jit(self._evaluate_impl, static_argnames="batch")
 
     # -- state -------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ class SweepTrainer:
         lead = self.members[0]
         self.replicated = lead.replicated
         step = jax.vmap(lead._train_step_impl, in_axes=(0, None, None, None, None, 0))
-        self._train_step = jax.jit(step, donate_argnums=donated_state(list(lead.mesh.devices.flat)))
+        self._train_step = jax.jit(step, donate_argnums=lead.donate)
         self._lrs = jax.device_put(jnp.asarray(self.lrs, jnp.float32), self.replicated)
 
     @staticmethod
