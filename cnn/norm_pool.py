@@ -43,11 +43,12 @@ def batch_norm_relu_pool(y: jax.Array, bias: jax.Array, scale: jax.Array, beta: 
     """``(B, H, W, C), (C,) x 3, eps -> (out (B, H/2, W/2, C), mean (C,), var (C,))``, as in the
     module docstring; ``mean`` and ``var`` are the batch statistics of ``y + bias`` (for the
     running averages)."""
-    chex.assert_rank([y, bias, scale, beta], [4, 1, 1, 1])
     return _forward(y, bias, scale, beta, eps)[0]
 
 
 def _forward(y, bias, scale, beta, eps):
+    chex.assert_rank([y, bias, scale, beta], [4, 1, 1, 1])  # here, so that it runs under autodiff too
+    chex.assert_equal_shape([bias, scale, beta, y[0, 0, 0]])
     m = jnp.mean(y, _AXES)
     var = jnp.maximum(jnp.mean(jnp.square(y), _AXES) - jnp.square(m), 0.0)
     rstd = jax.lax.rsqrt(var + eps)
