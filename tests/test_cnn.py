@@ -89,7 +89,6 @@ def test_dense_layer_matches_nnx_linear_and_its_autodiff_gradient(x64):
 
 
 def test_max_pool_matches_reduce_window_values_and_gradients(x64):
-
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 6, 3)))  # ties have probability 0
     reference = lambda x: nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
     np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
@@ -100,7 +99,6 @@ def test_max_pool_matches_reduce_window_values_and_gradients(x64):
 
 
 def test_max_pool_gives_a_tied_window_gradient_to_its_first_maximum():
-
     windows = np.array([[1, 1, 1, 1], [0, 2, 2, 2], [0, 1, 3, 3], [0, 1, 2, 4], [5, 0, 5, 0]], np.float32)
     x = jnp.asarray(windows.reshape(5, 2, 2).transpose(1, 0, 2).reshape(1, 2, 10, 1))  # the windows side by side
     np.testing.assert_array_equal(max_pool_2x2(x).ravel(), windows.max(axis=1))
