@@ -49,4 +49,4 @@ class Linear(nnx.Linear):
     """``nnx.Linear`` (same parameters, same initialisation) computed by :func:`dense`."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        return dense(inputs, self.kernel.value, self.bias.value)
+        return dense(inputs, self.kernel[...], self.bias[...])

@@ -52,11 +52,11 @@ class ConvBlock(nnx.Module):
         norm = self.norm
         if isinstance(norm, nnx.BatchNorm) and not norm.use_running_average:
             y = jax.lax.conv_general_dilated(
-                x, self.conv.kernel.value, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+                x, self.conv.kernel[...], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
-            x, mean, var = batch_norm_relu_pool(y, self.conv.bias.value, norm.scale.value, norm.bias.value, norm.epsilon)
-            norm.mean.value = jax.lax.stop_gradient(norm.momentum * norm.mean.value + (1 - norm.momentum) * mean)
-            norm.var.value = jax.lax.stop_gradient(norm.momentum * norm.var.value + (1 - norm.momentum) * var)
+            x, mean, var = batch_norm_relu_pool(y, self.conv.bias[...], norm.scale[...], norm.bias[...], norm.epsilon)
+            norm.mean[...] = jax.lax.stop_gradient(norm.momentum * norm.mean[...] + (1 - norm.momentum) * mean)
+            norm.var[...] = jax.lax.stop_gradient(norm.momentum * norm.var[...] + (1 - norm.momentum) * var)
         else:
             x = max_pool_2x2(nnx.relu(norm(self.conv(x))))
         return self.dropout(x, rngs=rngs)
