@@ -1,10 +1,13 @@
 """The rows of :mod:`benchmarks.run`, timed in a process of their own.
 
-    python -m benchmarks.rows GROUP OUT ARGS_JSON      (started by ``python -m benchmarks.run``)
+    python -m benchmarks.rows PROCESS OUT ARGS_JSON      (started by ``python -m benchmarks.run``)
 
-Sets the process up as ``GROUP``'s command-line tool sets itself up (:func:`setup_process`),
-times the float32 matmul peak and ``GROUP``'s rows (ours and PyTorch's, interleaved, medians)
-and writes them to ``OUT`` as JSON. ``ARGS_JSON``: the options of ``benchmarks.run``.
+``PROCESS`` is a group (cnn, p2g, hopfield), for the CNN with ``-b<batch>``, and with ``@alt``
+for the implementation that ``--impl auto`` does not pick here (its rows' names end in
+``_<impl>``). Sets the process up as the group's command-line tool sets itself up for that
+implementation (:func:`setup_process`), times the float32 matmul peak and the group's rows (ours
+and PyTorch's, interleaved, medians) and writes them to ``OUT`` as JSON. ``ARGS_JSON``: the
+options of ``benchmarks.run``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._xla import cnn_retains_memory, data_parallel_devices, request_cpu_devices, tune_cpu
+from experiments._xla import choose_impl, cnn_retains_memory, data_parallel_devices, request_cpu_devices, tune_cpu
 
 try:
     import torch
@@ -120,7 +123,7 @@ def matmul_rows(quick: bool) -> list[Row]:
     return [Row(f"matmul_f32_{n}", "GFLOP/s", flops / 1e9, ours, theirs, flops)]
 
 
-def cnn_rows(quick: bool, B: int) -> list[Row]:
+def cnn_rows(quick: bool, B: int, impl: str = "reference", suffix: str = "") -> list[Row]:
     """Training rows at batch ``B`` for both variants, and at batch 64 the evaluation rows too
     (1,000 images in batches of 250: the C allocator setting of batch 64's process suits their
     large buffers, PyTorch's as well; under glibc's own settings PyTorch evaluated 2.5-2.9x slower,
@@ -135,7 +138,7 @@ def cnn_rows(quick: bool, B: int) -> list[Row]:
         n = steps * B
         images = rng.integers(0, 256, (n, 48, 48, 3), dtype=np.uint8)
         labels = rng.integers(0, 6, n).astype(np.int32)
-        trainer = Trainer(batch_norm, 0.01, B)
+        trainer = Trainer(batch_norm, 0.01, B, impl=impl)
         state = [trainer.init_state()]
         dev_images, dev_labels = trainer.put(images), trainer.put(labels)
 
@@ -153,13 +156,13 @@ def cnn_rows(quick: bool, B: int) -> list[Row]:
                 for index in batches:
                     torch_ref.cnn_train_step(model, optimizer, timg[index], tlab[index])
 
-        rows.append(Row(f"cnn_train_{variant}_b{B}", "images/s", n, ours, theirs, 3 * n * cnn_forward_flops(batch_norm)))
+        rows.append(Row(f"cnn_train_{variant}_b{B}{suffix}", "images/s", n, ours, theirs, 3 * n * cnn_forward_flops(batch_norm)))
         if B != 64:
             continue
         n = 250 if quick else 1000
         images = rng.integers(0, 256, (n, 48, 48, 3), dtype=np.uint8)
         labels = rng.integers(0, 6, n).astype(np.int32)
-        trainer = Trainer(batch_norm, 0.01, 8)
+        trainer = Trainer(batch_norm, 0.01, 8, impl=impl)
         state = trainer.init_state()
         dev_images, dev_labels = trainer.put(images), trainer.put(labels)
         ours = lambda trainer=trainer, state=state, x=dev_images, y=dev_labels: trainer.evaluate(state, x, y)
@@ -167,7 +170,7 @@ def cnn_rows(quick: bool, B: int) -> list[Row]:
         if torch is not None:
             model, timg = torch_ref.TorchCNN(batch_norm), torch.from_numpy(images)
             theirs = lambda model=model, timg=timg: torch_ref.cnn_predict(model, timg).numpy()
-        rows.append(Row(f"cnn_eval_{variant}", "images/s", n, ours, theirs, n * cnn_forward_flops(batch_norm)))
+        rows.append(Row(f"cnn_eval_{variant}{suffix}", "images/s", n, ours, theirs, n * cnn_forward_flops(batch_norm)))
     return rows
 
 
@@ -185,7 +188,9 @@ def p2g_pairs(quick: bool):
     return train, valid[:1000], source
 
 
-def p2g_rows(quick: bool, devices: int | None = None) -> list[Row]:
+def p2g_rows(quick: bool, devices: int | None = None, impl: str = "reference", suffix: str = "",
+             decoding: bool = True) -> list[Row]:
+    """The training epoch rows of ``impl`` and, with ``decoding``, the decoding rows."""
     from flax import nnx
 
     from p2g.data import EOS, PAD, Vocab, encode_pairs
@@ -205,7 +210,8 @@ def p2g_rows(quick: bool, devices: int | None = None) -> list[Row]:
         return t(data.src[index, :S]), t(data.src_len[index]), t(data.tgt_in[index, :T]), t(data.tgt_out[index, :T])
 
     for attention in (False, True):
-        trainer = Trainer(len(src_vocab), len(tgt_vocab), attention=attention, devices=data_parallel_devices(devices))
+        trainer = Trainer(len(src_vocab), len(tgt_vocab), attention=attention, devices=data_parallel_devices(devices),
+                          impl=impl)
         state = [trainer.init_state()]
         batches = trainer.epoch_batches(len(train), 0)
         flops = 0.0
@@ -232,8 +238,10 @@ def p2g_rows(quick: bool, devices: int | None = None) -> list[Row]:
         else:
             trained[attention] = (trainer, state, None)
         name = "attn" if attention else "noattn"
-        rows.append(Row(f"p2g_epoch_{name}", "s/epoch", 1, ours, theirs, flops, per_call=True,
+        rows.append(Row(f"p2g_epoch_{name}{suffix}", "s/epoch", 1, ours, theirs, flops, per_call=True,
                         note=f"{len(train)} words ({source}), batch 64 over {len(trainer.devices)} device(s)"))
+    if not decoding:
+        return rows
 
     # Decoding with the attention model as trained by the rows above; the torch model gets a copy
     # of our parameters so that both compute the same function and decode words of the same length.
@@ -302,23 +310,25 @@ def hopfield_rows(quick: bool) -> list[Row]:
                 note=f"{N} patterns of dim {D}, {steps} CCCP steps")]
 
 
-# each group's rows from (the options of benchmarks.run, the CNN process's batch size)
+# each group's rows from (the options of benchmarks.run, the CNN process's batch size, the impl,
+# the suffix of the row names: "" for --impl auto's choice, "_<impl>" for the other)
 BUILDERS = {
-    "matmul": lambda args, batch: matmul_rows(args.quick),
-    "cnn": lambda args, batch: cnn_rows(args.quick, batch),
-    "p2g": lambda args, batch: p2g_rows(args.quick, args.p2g_devices),
-    "hopfield": lambda args, batch: hopfield_rows(args.quick),
+    "matmul": lambda args, batch, impl, suffix: matmul_rows(args.quick),
+    "cnn": lambda args, batch, impl, suffix: cnn_rows(args.quick, batch, impl, suffix),
+    "p2g": lambda args, batch, impl, suffix: p2g_rows(args.quick, args.p2g_devices, impl, suffix, decoding=not suffix),
+    "hopfield": lambda args, batch, impl, suffix: hopfield_rows(args.quick),
 }
 
 
-def setup_process(group: str, args, batch: int | None = None) -> None:
+def setup_process(group: str, args, batch: int | None = None, impl: str = "reference") -> None:
     """Set this process up as the command-line tool of ``group`` sets itself up, before the first
-    computation: ``experiments.cnn`` tunes XLA:CPU, and the C allocator from batch 32 on
-    (experiments/_xla.py), ``experiments.p2g`` asks for two host devices; P2G and Hopfield keep
-    XLA's defaults. Why a process per group, and per batch size for the CNN: the allocator
-    setting (one malloc arena) slows the P2G step, whose two devices allocate from two threads at
-    once, and the CNN's steps at batch 8 (docs/performance.md)."""
-    if group == "cnn" and not args.xla_defaults:
+    computation: ``experiments.cnn`` with the ``xla_cpu`` implementation tunes XLA:CPU, and the C
+    allocator from batch 32 on (experiments/_xla.py), ``experiments.p2g`` asks for two host
+    devices; otherwise XLA's defaults. Why a process per group, and per batch size and
+    implementation for the CNN: the settings last as long as the process, and the allocator
+    setting (one malloc arena) slows the P2G step and the CNN's steps at batch 8
+    (docs/performance.md)."""
+    if group == "cnn" and impl == "xla_cpu" and not args.xla_defaults:
         tune_cpu()
         cnn_retains_memory(batch)
     if group == "p2g":
@@ -328,17 +338,22 @@ def setup_process(group: str, args, batch: int | None = None) -> None:
 def run_group(process: str, args, out: Path) -> None:
     """Time the matmul peak and the rows of ``process`` (a group, or ``cnn-b<batch>``) in this
     process; write them to ``out`` (JSON)."""
-    group, _, batch = process.partition("-b")
+    process_group, _, alt = process.partition("@")
+    group, _, batch = process_group.partition("-b")
     batch = int(batch) if batch else None
-    setup_process(group, args, batch)
+    impl = choose_impl("auto", log=lambda message: None)  # starts no backend on a CPU-only machine
+    if alt:
+        impl = next(other for other in ("reference", "xla_cpu") if other != impl)
+    suffix = f"_{impl}" if alt else ""
+    setup_process(group, args, batch, impl)
     rounds = 1 if args.quick else args.rounds
     torch_desc = f"torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "torch not installed"
-    print(f"[{process}] {os.cpu_count()} CPU(s); jax {jax.__version__} on {jax.devices()[0].device_kind} "
+    print(f"[{process}] implementation {impl}; {os.cpu_count()} CPU(s); jax {jax.__version__} on {jax.devices()[0].device_kind} "
           f"x{jax.local_device_count()}; {torch_desc}; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}",
           flush=True)
     results, peak = [], None
     for rows_of in ("matmul", group):
-        for row in BUILDERS[rows_of](args, batch):
+        for row in BUILDERS[rows_of](args, batch, impl, suffix):
             r = 1 if args.quick else (args.p2g_rounds if row.per_call else rounds)
             t = measure(row, r, warm_up=not args.quick)
             if rows_of == "matmul":

@@ -3,7 +3,9 @@
     python -m benchmarks.run [--quick] [--rounds 5] [--only cnn p2g ...]
 
 Each group of rows (cnn, p2g, hopfield) runs in a fresh process of its own (:mod:`benchmarks.rows`;
-the CNN's in one per batch size, 8 and 64),
+the CNN's in one per batch size, 8 and 64), and the CNN and P2G training rows once more for the
+implementation that ``--impl auto`` does not pick here (rows named ``..._reference`` on a CPU,
+``..._xla_cpu`` on an accelerator), so that the cost or gain of each kernel set shows in one run;
 set up as its command-line tool sets itself up (:func:`benchmarks.rows.setup_process`; both
 sides run under those settings), with a float32 matmul that measures the machine's peak; this
 process only starts them and prints the table, and imports neither jax nor torch. Each row times
@@ -29,8 +31,9 @@ from pathlib import Path
 
 GROUPS = ("cnn", "p2g", "hopfield")
 # the processes of each group (each also times the matmul peak first); the CNN's tool sets the C
-# allocator up by batch size (experiments._xla.cnn_retains_memory), so each batch size has its own
-PROCESSES = {"cnn": ("cnn-b8", "cnn-b64"), "p2g": ("p2g",), "hopfield": ("hopfield",)}
+# allocator up by batch size (experiments._xla.cnn_retains_memory), so each batch size has its own;
+# "@alt": the implementation --impl auto does not pick here
+PROCESSES = {"cnn": ("cnn-b8", "cnn-b64", "cnn-b8@alt", "cnn-b64@alt"), "p2g": ("p2g", "p2g@alt"), "hopfield": ("hopfield",)}
 
 
 def main(argv=None) -> int:

@@ -236,10 +236,10 @@ def load_flax_p2g(model: TorchSeq2Seq, params: dict) -> TorchSeq2Seq:
 
     enc, dec = params["encoder"], params["decoder"]
     model.encoder.embedding.weight.copy_(t(enc["embedding"]["embedding"]))
-    lstm(enc["forward_cell"], model.encoder.lstm)
-    lstm(enc["backward_cell"], model.encoder.lstm, "_reverse")
+    lstm(enc["rnn"]["forward_rnn"]["cell"], model.encoder.lstm)
+    lstm(enc["rnn"]["backward_rnn"]["cell"], model.encoder.lstm, "_reverse")
     model.decoder.embedding.weight.copy_(t(dec["embedding"]["embedding"]))
-    lstm(dec["cell"], model.decoder.lstm)
+    lstm(dec["rnn"]["cell"], model.decoder.lstm)
     if model.decoder.attention is not None:
         for name in ("W_s", "W_h", "v", "W_out"):
             getattr(model.decoder.attention, name).weight.copy_(t(dec["attention"][name]["kernel"]).T)

@@ -21,7 +21,7 @@ NPZ_FORMAT = (
     "an .npz with train_images/train_labels, val_images/val_labels, test_images/test_labels; "
     "uint8 images (n, 48, 48, 3), integer labels 0..5"
 )
-DEFAULT_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "intel" / "intel_scenes_48.npz"
+DEFAULT_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "intel" / "intel_landscapes_48.npz"
 
 
 class DataError(ValueError):
@@ -32,6 +32,7 @@ class DataError(ValueError):
 class Split:
     images: np.ndarray  # (n, 48, 48, 3) uint8
     labels: np.ndarray  # (n,) int32
+    files: np.ndarray | None = None  # (n,) str: each image's source file, where the data names them
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -44,7 +45,7 @@ class Splits:
     test: Split | None
 
 
-def _check_split(path: Path, name: str, images: np.ndarray, labels: np.ndarray) -> Split:
+def _check_split(path: Path, name: str, images: np.ndarray, labels: np.ndarray, files=None) -> Split:
     if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{path}: {name}_images has shape {images.shape}, expected (n, 48, 48, 3) NHWC")
     if labels.ndim != 1 or len(labels) != len(images):
@@ -57,7 +58,9 @@ def _check_split(path: Path, name: str, images: np.ndarray, labels: np.ndarray) 
         if images.min() < 0 or images.max() > 255:
             raise DataError(f"{path}: {name}_images has dtype {images.dtype} outside 0..255, expected uint8")
         images = images.astype(np.uint8)
-    return Split(np.ascontiguousarray(images), labels.astype(np.int32))
+    if files is not None and (files.ndim != 1 or len(files) != len(images)):
+        files = None  # names that do not match the images one to one are ignored
+    return Split(np.ascontiguousarray(images), labels.astype(np.int32), None if files is None else files.astype(str))
 
 
 def load_npz(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
@@ -74,7 +77,8 @@ def load_npz(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
     for name in SPLITS:
         wanted = {f"{name}_images", f"{name}_labels"}
         if wanted <= keys:
-            splits[name] = _check_split(path, name, data[f"{name}_images"], data[f"{name}_labels"])
+            files = data[f"{name}_files"] if f"{name}_files" in keys else None
+            splits[name] = _check_split(path, name, data[f"{name}_images"], data[f"{name}_labels"], files)
         elif name in required:
             missing = ", ".join(sorted(wanted - keys))
             raise DataError(f"{path}: missing {missing} (found {', '.join(sorted(keys)) or 'nothing'}); expected {NPZ_FORMAT}")
@@ -83,14 +87,15 @@ def load_npz(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
     return Splits(**splits)
 
 
-def _read_folder(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A folder of class sub-folders of JPEGs -> 48x48 uint8 images (Lanczos) and labels."""
+def _read_folder(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A folder of class sub-folders of JPEGs -> 48x48 uint8 images (Lanczos), labels and file
+    names (``<folder>/<class>/<file>``)."""
     from PIL import Image
 
     # Kaggle's archive nests seg_train/seg_train/<class>; accept either depth.
     if not any((root / c).is_dir() for c in CLASS_NAMES) and (root / root.name).is_dir():
         root = root / root.name
-    images, labels = [], []
+    images, labels, files = [], [], []
     for label, name in enumerate(CLASS_NAMES):
         folder = root / name
         if not folder.is_dir():
@@ -103,9 +108,10 @@ def _read_folder(root: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise DataError(f"{file}: not a readable image ({err})") from None
             images.append(np.asarray(img, dtype=np.uint8))
             labels.append(label)
+            files.append(f"{root.name}/{name}/{file.name}")
     if not images:
         raise DataError(f"{root}: no JPEG images found under the class folders")
-    return np.stack(images), np.asarray(labels, dtype=np.int32)
+    return np.stack(images), np.asarray(labels, dtype=np.int32), np.asarray(files)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,10 +135,10 @@ def load_kaggle(root: str | Path, val_fraction: float = 0.1, seed: int = 0) -> S
     root = Path(root)
     if not (root / "seg_train").is_dir():
         raise DataError(f"{root}: no seg_train/ folder (expected the Kaggle layout seg_train/<class>/*.jpg, seg_test/...)")
-    images, labels = _read_folder(root / "seg_train")
+    images, labels, files = _read_folder(root / "seg_train")
     keep, held = stratified_split(labels, val_fraction, seed)
     test = Split(*_read_folder(root / "seg_test")) if (root / "seg_test").is_dir() else None
-    return Splits(Split(images[keep], labels[keep]), Split(images[held], labels[held]), test)
+    return Splits(Split(images[keep], labels[keep], files[keep]), Split(images[held], labels[held], files[held]), test)
 
 
 def load(path: str | Path, required: tuple[str, ...] = SPLITS, tfds_dir: str | Path | None = None) -> Splits:
@@ -155,3 +161,52 @@ def load(path: str | Path, required: tuple[str, ...] = SPLITS, tfds_dir: str | P
 def to_float(images: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [0, 1] (what the homework's loader fed the network)."""
     return images.astype(np.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Groups of byte-identical images across a data set's splits (what :func:`find_duplicates` found)."""
+
+    groups: int  # groups of two or more identical images
+    images: int  # images in those groups
+    across_splits: int  # groups with images in more than one split
+    conflicting: int  # groups whose labels disagree
+    examples: tuple[str, ...]  # a few groups, each "file (split, class) = file (split, class)"
+
+    def summary(self) -> str | None:
+        """One line for the log; None where there are no duplicates."""
+        if not self.groups:
+            return None
+        return (f"note: {self.groups} groups of identical images ({self.images} images; {self.across_splits} "
+                f"span more than one split, {self.conflicting} carry conflicting labels), kept as they are; e.g. "
+                + "; ".join(self.examples))
+
+
+def find_duplicates(splits: Splits, shown: int = 3) -> Duplicates:
+    """Byte-identical images within and across the splits of ``splits``, without changing them.
+    The examples prefer groups that span splits or disagree on the label; images are named by
+    their source file where the split has ``files``, else by split and index."""
+    parts = [(name, split) for name in SPLITS if (split := getattr(splits, name)) is not None and len(split)]
+    if not parts:
+        return Duplicates(0, 0, 0, 0, ())
+    images = np.concatenate([split.images.reshape(len(split), -1) for _, split in parts])
+    rows = np.ascontiguousarray(images).view(np.dtype((np.void, images.shape[1])))[:, 0]
+    _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    where = [(name, i) for name, split in parts for i in range(len(split))]
+    labels = np.concatenate([split.labels for _, split in parts])
+    members: dict[int, list[int]] = {}
+    for k in np.flatnonzero(counts[inverse] > 1):
+        members.setdefault(int(inverse[k]), []).append(int(k))
+    groups = list(members.values())
+    spans = [len({where[k][0] for k in g}) > 1 for g in groups]
+    conflicts = [len({int(labels[k]) for k in g}) > 1 for g in groups]
+
+    def name(k: int) -> str:
+        split_name, i = where[k]
+        files = getattr(splits, split_name).files
+        place = files[i] if files is not None else f"{split_name}[{i}]"
+        return f"{place} ({split_name}, {CLASS_NAMES[labels[k]]})"
+
+    order = sorted(range(len(groups)), key=lambda j: (not (spans[j] and conflicts[j]), not conflicts[j], not spans[j]))
+    examples = tuple(" = ".join(name(k) for k in groups[j]) for j in order[:shown])
+    return Duplicates(len(groups), sum(map(len, groups)), sum(spans), sum(conflicts), examples)

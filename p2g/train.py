@@ -1,19 +1,16 @@
 """Pure, jit-compiled Adam training of :class:`p2g.model.Seq2Seq` and batched decoding.
 
 As in :mod:`cnn.train`: the model is split once into a static graph and its parameters; a step
-is a pure function of arrays. Without attention a batch's words are laid end to end
-(:func:`p2g.data.pack_words`; rows: its token count rounded up to a multiple of 128), so the
-LSTMs' products skip the padding (docs/performance.md, item 15); with attention, which needs
-static widths, a batch is cut to its longest source and target rounded up to a multiple of 8
-(:func:`batch_widths`). Either way jit compiles a handful of shapes, not one per batch, and the
-batch travels as one int32 vector (:class:`Layout`).
+is a pure function of arrays. A batch is cut to its longest source and target rounded up to a
+multiple of 8 (:func:`batch_widths`), so jit compiles a handful of shapes, not one per batch, and
+travels as one int32 vector (:class:`Layout`).
 Batches come from a per-epoch permutation seeded by (seed, epoch), dropout keys from
 (seed, step), so a resumed run repeats an uninterrupted one exactly.
 
 Data parallel without collectives: given ``devices`` (N > 1 entries), each batch is sorted by
 word length and cut into N shards, the shortest words first and in the largest shard
 (:func:`length_sorted_shards`; each shard is cut to its own widths or rows, so the short words do
-not pay for the long ones' padding; docs/performance.md, item 13). Shard i goes to ``devices[i]``
+not pay for the long ones' padding). Shard i goes to ``devices[i]``
 with its own copy of the parameters and dropout key fold_in(key, i), every device computes the
 gradient of sum(nll of its shard) / (tokens in the whole batch), and ``devices[0]`` adds the N
 gradients (their sum is the gradient of the batch's mean loss) and applies Adam. JAX dispatches
@@ -22,8 +19,7 @@ core (:func:`experiments._xla.request_cpu_devices`), which is how this loop uses
 small machine whose LSTM kernels run one core each. The same device may appear twice (the shards
 then run one after the other, same numbers).
 Parameters and gradients cross between devices as one flat vector each (``ravel_pytree``): one
-transfer and one dispatch argument instead of one per parameter array, which on a 2-core machine
-gives the host thread's time back to the devices (docs/performance.md, item 11).
+transfer and one dispatch argument instead of one per parameter array.
 """
 
 from __future__ import annotations
@@ -38,9 +34,9 @@ import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from p2g.data import PAD, Batchable, Vocab, pack_words, round_up
+from p2g.data import PAD, Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
-from p2g.model import Seq2Seq, Words, sequence_loss, summed_nll
+from p2g.model import Seq2Seq, sequence_loss, summed_nll
 
 
 def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple[int, int]:
@@ -66,7 +62,7 @@ def shard_sizes(batch: int, n: int) -> list[int]:
 
 def length_sorted_shards(data: Batchable, index: np.ndarray, n: int) -> list[np.ndarray]:
     """The batch ``index`` cut into ``n`` shards of :func:`shard_sizes`, after sorting it by word
-    length (phonemes + letters; stable). Each shard is then packed or padded on its own
+    length (phonemes + letters; stable). Each shard is then cut to its own widths
     (:meth:`Trainer._batch`), so the short words no longer pay for the long ones' widths; the
     union is the same batch."""
     lengths = data.src_len[index] + data.tgt_len[index]
@@ -75,25 +71,18 @@ def length_sorted_shards(data: Batchable, index: np.ndarray, n: int) -> list[np.
 
 
 class Layout(NamedTuple):
-    """Where the parts of a batch lie in its one int32 vector (static under jit): B examples;
-    source rows, target rows; ``widths`` None for packed words (:func:`p2g.data.pack_words`), or
-    (S, T) for a padded batch (rows B*S and B*T; what attention trains on)."""
+    """The shapes of a batch's one int32 vector (static under jit): B examples, widths (S, T)."""
 
     examples: int
-    src_rows: int
-    tgt_rows: int
-    widths: tuple[int, int] | None
+    widths: tuple[int, int]
 
 
 def split_batch(vector, layout: Layout):
-    """One packed batch vector -> (src, tgt_in) as :class:`p2g.model.Words`, tgt_out (P_tgt,);
-    the order of :meth:`Trainer._batch`: src tokens, src starts, src lengths, tgt_in tokens,
-    tgt_out tokens, tgt starts, tgt lengths."""
-    B, Ps, Pt, _ = layout
-    src, src_starts, src_len, tgt_in, tgt_out, tgt_starts, tgt_len = jnp.split(
-        vector, np.cumsum([Ps, B, B, Pt, Pt, B])
-    )
-    return Words(src, src_starts, src_len), Words(tgt_in, tgt_starts, tgt_len), tgt_out
+    """One batch vector -> src (B,S), src_len (B,), tgt_in (B,T), tgt_out (B,T); the order of
+    :meth:`Trainer._batch`."""
+    B, (S, T) = layout
+    src, src_len, tgt_in, tgt_out = jnp.split(vector, np.cumsum([B * S, B, B * T]))
+    return src.reshape(B, S), src_len, tgt_in.reshape(B, T), tgt_out.reshape(B, T)
 
 
 class TrainState(NamedTuple):
@@ -103,25 +92,21 @@ class TrainState(NamedTuple):
 
 
 class Trainer:
-    # Without attention, a packed shard's rows are its token count rounded up to this; attention
-    # needs the padded widths as static shapes, so its batches stay padded (docs/performance.md,
-    # item 15).
-    pack_multiple = 128
-
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
-                 lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None):
+                 lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None,
+                 impl: str = "reference"):
         self.batch_size, self.seed = batch_size, seed
         self.devices = list(devices) if devices else [jax.devices()[0]]
         if len(self.devices) > batch_size:
             raise ValueError(f"{len(self.devices)} devices for batches of {batch_size}: at most one device an example")
         self.tx = optax.adam(lr)
-        model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed))
+        model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed), impl=impl)
         model.train()
         self.train_graph, self._params = nnx.split(model, nnx.Param)
         model.eval()
         self.eval_graph, _ = nnx.split(model, nnx.Param)
         self._unravel = ravel_pytree(self._params)[1]  # flat vector -> parameters (sharded steps)
-        self.attention = attention
+        self.attention, self.impl = attention, impl
         self._step = jax.jit(self._step_impl, donate_argnums=0, static_argnames="layout")
         self._shard_grad = jax.jit(self._shard_grad_impl, static_argnames="layout")
         self._apply = jax.jit(self._apply_impl, donate_argnums=0)
@@ -139,15 +124,11 @@ class Trainer:
     def _key(self, step):
         return jax.random.fold_in(jax.random.key(self.seed), step)
 
-    def _loss(self, params, src: Words, tgt_in: Words, tgt_out, key, tokens, widths):
-        """sum of the NLL of these examples' target tokens (``tgt_out`` (P,), at the rows of
-        ``tgt_in``) / ``tokens``; ``widths`` as in :class:`Layout`."""
-        model, rngs = nnx.merge(self.train_graph, params, copy=True), nnx.Rngs(dropout=key)
-        if widths is None:
-            return summed_nll(model.packed(src, tgt_in, rngs=rngs), tgt_out) / tokens
-        B, (S, T) = src.lengths.shape[0], widths  # padded rows: starts b*S, b*T
-        logits = model(src.tokens.reshape(B, S), src.lengths, tgt_in.tokens.reshape(B, T), rngs)
-        return summed_nll(logits, tgt_out.reshape(B, T)) / tokens
+    def _loss(self, params, batch, layout: Layout, key, tokens):
+        """sum of the NLL of the batch's target tokens / ``tokens``."""
+        src, src_len, tgt_in, tgt_out = split_batch(batch, layout)
+        model = nnx.merge(self.train_graph, params, copy=True)
+        return summed_nll(model(src, src_len, tgt_in, nnx.Rngs(dropout=key)), tgt_out) / tokens
 
     def _update(self, state: TrainState, grads) -> TrainState:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -155,20 +136,16 @@ class Trainer:
 
     def _step_impl(self, state: TrainState, batch, layout: Layout):
         """One device: the gradient of the batch's mean loss and the update, one program."""
-        src, tgt_in, tgt_out = split_batch(batch, layout)
-        tokens = jnp.maximum(jnp.sum(tgt_out != PAD), 1)
-        loss, grads = jax.value_and_grad(self._loss)(state.params, src, tgt_in, tgt_out,
-                                                     self._key(state.step), tokens, layout.widths)
+        tokens = jnp.maximum(jnp.sum(split_batch(batch, layout)[3] != PAD), 1)
+        loss, grads = jax.value_and_grad(self._loss)(state.params, batch, layout, self._key(state.step), tokens)
         return self._update(state, grads), loss
 
     def _shard_grad_impl(self, flat_params, batch, step, shard, tokens, layout: Layout):
         """Shard ``shard`` of batch ``step``: its share of the loss and of the gradient. Parameters,
         batch and gradient travel as one vector each (one transfer between devices or from the
         host, not one a parameter or an array)."""
-        src, tgt_in, tgt_out = split_batch(batch, layout)
         key = jax.random.fold_in(self._key(step), shard)
-        loss, grads = jax.value_and_grad(self._loss)(self._unravel(flat_params), src, tgt_in, tgt_out,
-                                                     key, tokens, layout.widths)
+        loss, grads = jax.value_and_grad(self._loss)(self._unravel(flat_params), batch, layout, key, tokens)
         return loss, ravel_pytree(grads)[0]
 
     def _apply_impl(self, state: TrainState, losses, flat_grads):
@@ -204,21 +181,12 @@ class Trainer:
         return state, float(jnp.mean(jnp.stack(losses)))
 
     def _batch(self, data: Batchable, index: np.ndarray):
-        """The examples ``index`` as one int32 vector and its :class:`Layout` (:func:`split_batch`
-        takes them apart; tgt_out lies at tgt_in's rows): packed words without attention
-        (:func:`p2g.data.pack_words`), padded to :func:`batch_widths` with it."""
-        src_len, tgt_len = data.src_len[index], data.tgt_len[index].astype(np.int32)
-        if self.attention:  # padded: attention needs the widths as static shapes anyway
-            widths = S, T = batch_widths(data, index)
-            src, tgt_in, tgt_out = data.src[index, :S].ravel(), data.tgt_in[index, :T].ravel(), data.tgt_out[index, :T].ravel()
-            src_starts, tgt_starts = np.arange(len(index)) * S, np.arange(len(index)) * T
-        else:
-            widths, m = None, self.pack_multiple
-            src, src_starts = pack_words(data.src[index], src_len, m)
-            tgt_in, tgt_starts = pack_words(data.tgt_in[index], tgt_len, m)
-            tgt_out, _ = pack_words(data.tgt_out[index], tgt_len, m)
-        vector = np.concatenate([src, src_starts, src_len, tgt_in, tgt_out, tgt_starts, tgt_len]).astype(np.int32)
-        return vector, Layout(len(index), len(src), len(tgt_in), widths)
+        """The examples ``index``, cut to :func:`batch_widths`, as one int32 vector and its
+        :class:`Layout` (:func:`split_batch` takes them apart)."""
+        widths = S, T = batch_widths(data, index)
+        vector = np.concatenate([data.src[index, :S].ravel(), data.src_len[index],
+                                 data.tgt_in[index, :T].ravel(), data.tgt_out[index, :T].ravel()]).astype(np.int32)
+        return vector, Layout(len(index), widths)
 
     def _train_batch(self, state: TrainState, data: Batchable, index: np.ndarray, step: int):
         """One device: the fused step (its key comes from ``state.step``, equal to ``step``)."""
@@ -226,8 +194,8 @@ class Trainer:
         return self._step(state, batch, layout=layout)
 
     def _train_batch_sharded(self, state: TrainState, flat, data: Batchable, index: np.ndarray, step: int):
-        """The batch split over ``self.devices`` (:func:`length_sorted_shards`), each shard packed
-        or cut to its own widths (:meth:`_batch`); ``flat`` is ``state.params`` as one vector.
+        """The batch split over ``self.devices`` (:func:`length_sorted_shards`), each shard cut to
+        its own widths (:meth:`_batch`); ``flat`` is ``state.params`` as one vector.
         Returns (state, loss, the new flat parameters)."""
         home, others = self.devices[0], self.devices[1:]
         tokens = max(int(np.sum(data.tgt_len[index])), 1)

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments._xla import request_cpu_devices, tune_cpu
+from experiments._xla import request_cpu_devices
 
-tune_cpu()  # the XLA:CPU settings the command-line tools run with, before jax computes anything
+# The tests run under XLA's default settings (experiments._xla.tune_cpu is the CLIs' choice for
+# the xla_cpu implementation, tested on its own).
 request_cpu_devices(2)  # two XLA host devices, so the data-parallel P2G tests run as the CLI does
 
 import jax  # noqa: E402

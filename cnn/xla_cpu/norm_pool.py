@@ -6,7 +6,7 @@ not yet added; BatchNorm cancels it, and it enters only the batch mean reported)
 
     m   = mean(y),   v = mean(y^2) - m^2   (clipped at 0; flax's ``use_fast_variance``)
     xh  = (y - m) rstd,   rstd = 1 / sqrt(v + eps),   z = gamma xh + beta
-    out = max-pool(relu(z))              (the winner of each window as in :mod:`cnn.pool`)
+    out = max-pool(relu(z))              (the winner of each window as in :mod:`cnn.xla_cpu.pool`)
     returns out (B, H/2, W/2, C) and the statistics of y + b: mean m + b, variance v
 
 Backward, with g = dL/dout and gz = g where out > 0, else 0 (pooled resolution); xh_w the
@@ -19,10 +19,8 @@ normalised value at each window's winner; route() puts a pooled value at its win
 (the last terms carry the gradient of the returned statistics, zero when they only feed the
 running averages). Written this way the block's full-resolution tensors are read in three
 passes (two for the statistics, one for the pool) and the gradient written in one, straight into
-the layout the kernel gradient reads; autodiff of the composed layers (``nnx.BatchNorm``, relu,
-:func:`cnn.pool.max_pool_2x2`) made about 18 passes, most of them around reductions XLA:CPU
-cannot fuse. BN training step, batch 64: 92.9 -> 81.9 ms; batch 8: 11.2 -> 10.0 ms
-(docs/performance.md, item 17).
+the layout the kernel gradient reads, where autodiff of the composed layers makes many passes
+around reductions XLA:CPU cannot fuse (measurements: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from cnn.pool import corners, pick, position_code, route, winners
+from cnn.xla_cpu.pool import corners, pick, position_code, route, winners
 
 _AXES = (0, 1, 2)
 

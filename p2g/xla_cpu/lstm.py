@@ -2,7 +2,7 @@
 
 Shapes: B words, P rows, D input size, H hidden size. The words are laid end to end in the rows
 of ``inputs`` (P,D): word b at rows starts[b] .. starts[b] + lengths[b] - 1 (a padded (B,S)
-batch is the layout with starts b*S; training packs words tightly, :func:`p2g.data.pack_words`).
+batch is the layout with starts b*S, :class:`p2g.xla_cpu.LSTM`).
 Parameters as in ``nnx.OptimizedLSTMCell`` (its ``dense_i.kernel`` W_x (D,4H), ``dense_h.kernel``
 W_h (H,4H), ``dense_h.bias`` b (4H,)), gates in the order i, f, g, o; step t of word b reads row
 r = starts[b] + t (``reverse``: starts[b] + lengths[b] - 1 - t):
@@ -20,8 +20,7 @@ step) and stores each step's gate gradient dG at its rows, and after it
 
     dW_x = X^T dG,   dW_h = H_prev^T dG,   db = sum(dG),   dX = dG W_x^T
 
-are four products over the P rows. With packed words, P is the batch's token count (rounded up),
-not B times the longest word: the products skip the padding (docs/performance.md, item 15). Both
+are four products over the P rows. Both
 loops run max(lengths) steps, a bound known only at run time, hence ``fori_loop``s. Same function,
 same gradient (tested in float64 against autodiff of the step-by-step cell).
 """
@@ -135,19 +134,3 @@ def _backward(reverse, residuals, cotangents):
 
 
 lstm_layer.defvjp(_forward, _backward)
-
-
-def stepped_cell_scan(cell: nnx.OptimizedLSTMCell, inputs, lengths, carry):
-    """The definition :func:`lstm_layer` implements, written the plain way: ``cell`` called step
-    by step inside ``lax.scan``, its gradient left to autodiff. ``inputs`` (B,S,D), ``lengths``
-    (B,) -> (final carry, outputs (B,S,H)). What the tests check :func:`lstm_layer` against and
-    ``python -m benchmarks.p2g_lstm`` times it against."""
-
-    def step(carry, xs):
-        x_t, t = xs
-        new_carry, h = cell(carry, x_t)
-        alive = (t < lengths)[:, None]
-        return jax.tree.map(lambda new, old: jnp.where(alive, new, old), new_carry, carry), jnp.where(alive, h, 0.0)
-
-    carry, outputs = jax.lax.scan(step, carry, (jnp.swapaxes(inputs, 0, 1), jnp.arange(inputs.shape[1])))
-    return carry, jnp.swapaxes(outputs, 0, 1)

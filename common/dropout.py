@@ -10,9 +10,10 @@ the mask is an elementwise function that XLA fuses into the select that applies 
 with i the element's flat index, (k0, k1) two 32-bit words of the call's key (a fresh key per call,
 drawn from ``rngs`` as ``nnx.Dropout`` draws it) and mix Chris Wellons' ``lowbias32`` integer hash
 (a bijection of uint32 with low avalanche bias). Same interface as ``nnx.Dropout`` (``rate``,
-``deterministic``, toggled by ``Module.train()`` / ``eval()``). One P2G training shard's gradient
-was 5–8% faster with it than with ``nnx.Dropout`` (docs/performance.md, item 14); the tests check
-the keep rate, independence between neighbouring elements and between keys.
+``deterministic``, toggled by ``Module.train()`` / ``eval()``). Part of the ``xla_cpu``
+implementations of both parts (``cnn.xla_cpu``, ``p2g.xla_cpu``); the reference models use
+``nnx.Dropout``. A mask depends on the element's index in the whole array, so it does not depend
+on how a batch is split over devices.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 The winner is the first maximum in row-major order where several tie (as PyTorch's
 ``max_pool2d``), and its position is kept from the forward pass as an int8 code
 ``2 p + q``. The helpers (:func:`corners`, :func:`winners`, :func:`pick`, :func:`route`) are
-shared with :mod:`cnn.norm_pool`, which pools the BN variant's activations inside a fused
+shared with :mod:`cnn.xla_cpu.norm_pool`, which pools the BN variant's activations inside a fused
 BatchNorm -> ReLU -> pool.
 """
 
@@ -66,14 +66,11 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool, stride 2: ``(B, H, W, C) -> (B, H/2, W/2, C)``, H and W even; the gradient
     goes whole to one winner of each window (module docstring).
 
-    Why not ``lax.reduce_window`` or plain ``jnp.max``: XLA lowers the first's gradient to
-    select-and-scatter, which on XLA:CPU made the backward pass of the three pools cost more
-    than the convolutions (docs/performance.md); the second's gradient routes through
-    ``x == max(x)``, re-evaluated in the backward pass, and inside the jitted BN training step
-    that comparison went wrong: the gradients of the first two blocks differed from the
-    op-by-op ones by 20% even in float64, and changed by half under a 1e-7 change of the
-    parameters (docs/performance.md, item 9).
-    """
+    Why not ``lax.reduce_window`` (``nnx.max_pool``, the reference model's): XLA lowers its
+    gradient to select-and-scatter, slow on XLA:CPU. Nor ``jnp.max`` over the windows: its
+    gradient re-evaluates ``x == max(x)`` in the backward pass, which inside a fused XLA:CPU
+    training step routed gradients wrongly (docs/performance.md).
+"""
     return _max_pool_fwd(x)[0]
 
 
