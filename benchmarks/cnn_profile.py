@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     from cnn.train import Trainer
 
     B = args.batch_size
-    trainer = Trainer(args.batch_norm, 0.01, B)
+    trainer = Trainer(args.batch_norm, 0.01, B, impl="xla_cpu")
     state = trainer.init_state()
     rng = np.random.default_rng(0)
     n = 16 * B

@@ -1,6 +1,6 @@
 """CNN training-step throughput on this machine: one jitted call per step vs steps inside lax.scan.
 
-    python -m benchmarks.cnn_step [--batch-size 8] [--batch-norm] [--steps 20]
+    python -m benchmarks.cnn_step [--batch-size 8] [--batch-norm] [--steps 20] [--impl xla_cpu]
 
 Prints images/s for: a jitted train step called from Python; K steps in one jitted ``lax.scan``;
 the same scan fully unrolled; the forward pass alone. Synthetic data, SGD, the same loss as
@@ -32,9 +32,10 @@ def main() -> None:
     parser.add_argument("--batch-norm", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed call of the scanned variants")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impl", choices=("reference", "xla_cpu"), default="xla_cpu", help="CNN implementation (default: %(default)s)")
     args = parser.parse_args()
     B, K = args.batch_size, args.steps
-    model = CNN(args.batch_norm, nnx.Rngs(0))
+    model = CNN(args.batch_norm, nnx.Rngs(0), impl=args.impl)
     model.train()
     graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = optax.sgd(0.01)
