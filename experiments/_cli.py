@@ -22,6 +22,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# What Ctrl-C prints: a training command that has written checkpoints says how to resume.
+_interrupted = {"message": "interrupted"}
+
+
+def resumable_from(directory) -> None:
+    """From now on, Ctrl-C says that rerunning the same command resumes from ``directory``."""
+    _interrupted["message"] = f"interrupted: rerun the same command to resume from the checkpoints in {directory}"
+
+
 def run(
     main: Callable[[Sequence[str] | None], int | None],
     argv: Sequence[str] | None = None,
@@ -38,7 +47,7 @@ def run(
         print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print(_interrupted["message"], file=sys.stderr)
         sys.exit(130)
     sys.exit(status or 0)
 

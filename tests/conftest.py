@@ -38,3 +38,31 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
         text=True,
         timeout=timeout,
     )
+
+
+# Runs ``python -m MODULE ARGS`` with orbax saves patched to SIGKILL the process at the AT-th save
+# of the run, just BEFORE or AFTER it (argv: AT WHERE MODULE ARGS...).
+KILL_AT_SAVE = """
+import os, runpy, signal, sys
+from experiments import _checkpoint
+at, where, module = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+count, save = [0], _checkpoint.Checkpoints.save
+def killing_save(self, *args, **kwargs):
+    count[0] += 1
+    if count[0] == at and where == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, *args, **kwargs)
+    if count[0] == at and where == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+_checkpoint.Checkpoints.save = killing_save
+sys.argv = [module] + sys.argv[4:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_killed_at_save(at: int, where: str, module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` killed (SIGKILL) at its ``at``-th checkpoint save, ``where`` being
+    "before" or "after" that save."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-c", KILL_AT_SAVE, str(at), where, module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ from cnn import CNN, CLASS_NAMES, IMPLS, DataError, Trainer, count_params, load_
 from cnn.xla_cpu.pool import max_pool_2x2
 from cnn.train import nll_loss
 from experiments import cnn as cnn_cli
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_killed_at_save
 
 
 def tiny_splits(n_train=48, n_val=16, n_test=16, seed=0):
@@ -394,8 +394,34 @@ def test_cli_trains_the_reference_impl_and_will_not_resume_it_with_the_other(tin
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["impl"] == "reference" and metrics["runs"]["0.01"]["config"]["impl"] == "reference"
     assert metrics["params"] == 755_718
-    with pytest.raises(cnn_cli.UserError, match="'impl': 'reference'"):
+    with pytest.raises(cnn_cli.UserError, match="impl: 'reference'"):
         cnn_cli.main([*common, "--epochs", "2", "--impl", "xla_cpu"])
+
+
+KILLS = ((2, "before"), (1, "after"), (2, "after"), (3, "before"), (1, "before"))
+
+
+def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_metrics(tiny_npz, tmp_path):
+    """SIGKILL at save after save (before and after writing, between the latest and the best
+    checkpoint too), each time rerunning the same command: the last rerun ends with the metrics
+    of a run that was never interrupted."""
+    common = ["--data", str(tiny_npz), "--batch-size", "8", "--epochs", "4", "--quiet"]
+    assert cnn_cli.main([*common, "--out", str(tmp_path / "clean")]) == 0
+    kills = 0
+    for at, where in KILLS:
+        proc = run_killed_at_save(at, where, "experiments.cnn", *common, "--out", str(tmp_path / "killed"))
+        assert proc.returncode in (-9, 0), proc.stderr  # 0: the run ended before that save
+        kills += proc.returncode == -9
+        if proc.returncode == 0:
+            break
+    assert kills >= 3
+    proc = run_cli("experiments.cnn", *common, "--out", str(tmp_path / "killed"))
+    assert proc.returncode == 0, proc.stderr
+    clean, killed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("clean", "killed"))
+    for run in (clean, killed):
+        for record in run["runs"]["0.01"]["history"]:
+            del record["seconds"]
+    assert killed["runs"] == clean["runs"] and killed["selected"] == clean["selected"]
 
 
 def test_divergence_is_reported_and_the_sweep_goes_on(tiny_npz, tmp_path, capsys):

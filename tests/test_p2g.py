@@ -23,7 +23,7 @@ from common.dropout import HashedDropout, keep_mask
 from p2g.model import IMPLS, lstm, sequence_loss, summed_nll
 from p2g.xla_cpu import LSTM
 from p2g.train import length_sorted_shards, shard_sizes
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_killed_at_save
 
 PHONE = {"a": "æ", "b": "b", "c": "k", "d": "d", "e": "ɛ", "o": "oʊ", "s": "s", "t": "t"}
 
@@ -433,6 +433,26 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     assert any(line.startswith("skipped 1 malformed line(s)") and "test.tsv:41: no tab" in line for line in lines)
     assert 0.0 <= result["beam"]["cer"] and result["beam"]["width"] == 3
     assert (tmp_path / "maps" / f"attention_{word}.png").stat().st_size > 1000
+
+
+def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_history(data_dir, tmp_path):
+    """SIGKILL at save after save, before and after writing, rerunning the same command each
+    time: the last rerun ends with the history of a run that was never interrupted."""
+    common = ["train", "--data-dir", str(data_dir), "--hidden", "16", "--batch-size", "32", "--epochs", "3", "--quiet"]
+    assert p2g_cli.main([*common, "--out", str(tmp_path / "clean")]) == 0
+    kills = 0
+    for at, where in ((2, "before"), (1, "after"), (2, "after"), (1, "before")):
+        proc = run_killed_at_save(at, where, "experiments.p2g", *common, "--out", str(tmp_path / "killed"))
+        assert proc.returncode in (-9, 0), proc.stderr  # 0: the run ended before that save
+        kills += proc.returncode == -9
+        if proc.returncode == 0:
+            break
+    assert kills >= 3
+    proc = run_cli("experiments.p2g", *common, "--out", str(tmp_path / "killed"))
+    assert proc.returncode == 0, proc.stderr
+    clean, killed = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("clean", "killed"))
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["history"]]
+    assert strip(killed) == strip(clean) and killed["best_epoch"] == clean["best_epoch"]
 
 
 def test_cli_errors_are_one_line(tmp_path):
