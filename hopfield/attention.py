@@ -13,6 +13,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from hopfield.energy import check_beta, softmax
 
 
 def cross_attention(Q: chex.Array, K: chex.Array, V: chex.Array) -> chex.Array:
@@ -20,20 +21,21 @@ def cross_attention(Q: chex.Array, K: chex.Array, V: chex.Array) -> chex.Array:
     chex.assert_rank([Q, K, V], 2)
     chex.assert_equal(Q.shape[1], K.shape[1])
     chex.assert_equal(K.shape[0], V.shape[0])
-    scores = Q @ K.T / jnp.sqrt(jnp.asarray(Q.shape[1], Q.dtype))
-    return jax.nn.softmax(scores, axis=-1) @ V
+    return softmax(Q @ K.T, 1.0 / jnp.sqrt(jnp.asarray(Q.shape[1], Q.dtype))) @ V
 
 
 def cccp_step_batch(Q: chex.Array, X: chex.Array, beta: chex.Numeric) -> chex.Array:
     """``cccp_step`` over the rows of Q: softmax(beta Q X^T) X, ``(M, D), (N, D) -> (M, D)``.
 
     Row m is X^T softmax(beta X q_m) = ``cccp_step(q_m, X, beta)`` (tested against it). Written
-    as two matrix products rather than ``vmap`` of the per-query gradient, which XLA:CPU ran at
-    0.4x the rate (13,686 vs 34,931 queries/s, ``python -m benchmarks.run --only hopfield``).
+    as two matrix products rather than ``vmap`` of the per-query gradient, which XLA:CPU runs
+    slower. The max of each row of scores is subtracted before beta scales them
+    (:func:`hopfield.energy.softmax`). Raises ``ValueError`` for beta <= 0.
     """
     chex.assert_rank([Q, X], 2)
     chex.assert_equal(Q.shape[1], X.shape[1])
-    return jax.nn.softmax(beta * (Q @ X.T), axis=-1) @ X
+    check_beta(beta)
+    return softmax(Q @ X.T, beta) @ X
 
 
 def jax_attention(Q: chex.Array, X: chex.Array) -> chex.Array:

@@ -28,13 +28,16 @@ def cccp_step(q: chex.Array, X: chex.Array, beta: chex.Numeric) -> chex.Array:
 class Retrieval(NamedTuple):
     """Result of :func:`cccp_retrieve`.
 
-    q: ``(D,)`` the fixed point reached; steps: ``()`` int32, updates applied;
-    energies: ``(max_steps + 1,)`` E(q_0), E(q_1), ..., NaN after the last step taken.
+    q: ``(D,)`` the last state; steps: ``()`` int32, updates applied;
+    energies: ``(max_steps + 1,)`` E(q_0), E(q_1), ..., NaN after the last step taken;
+    converged: ``()`` bool, whether the last update moved q by less than ``tol`` with q and its
+    energy finite (a non-finite state stops the loop and is never reported as converged).
     """
 
     q: chex.Array
     steps: chex.Array
     energies: chex.Array
+    converged: chex.Array
 
 
 def cccp_retrieve(
@@ -55,7 +58,7 @@ def cccp_retrieve(
 
     def cond(state):
         _, step, delta, _ = state
-        return (step < max_steps) & (delta >= tol)
+        return (step < max_steps) & (delta >= tol)  # a NaN delta (non-finite state) stops too
 
     def body(state):
         q_t, step, _, trajectory = state
@@ -64,5 +67,6 @@ def cccp_retrieve(
         return q_next, step + 1, jnp.linalg.norm(q_next - q_t), trajectory
 
     init = (q, jnp.int32(0), jnp.asarray(jnp.inf, dtype=q.dtype), energies)
-    q_star, steps, _, energies = jax.lax.while_loop(cond, body, init)
-    return Retrieval(q_star, steps, energies)
+    q_star, steps, delta, energies = jax.lax.while_loop(cond, body, init)
+    finite = jnp.all(jnp.isfinite(q_star)) & jnp.isfinite(energies[steps])
+    return Retrieval(q_star, steps, energies, (delta < tol) & finite)

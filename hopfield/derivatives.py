@@ -17,13 +17,15 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from hopfield.energy import _check
+from hopfield.energy import _check, check_beta, softmax
 
 
 def attention_weights(q: chex.Array, X: chex.Array, beta: chex.Numeric) -> chex.Array:
-    """p = softmax(beta X q): ``(D,), (N, D) -> (N,)``."""
+    """p = softmax(beta X q): ``(D,), (N, D) -> (N,)`` (max subtracted before scaling,
+    :func:`hopfield.energy.softmax`); raises ``ValueError`` for beta <= 0."""
     _check(q, X)
-    return jax.nn.softmax(beta * (X @ q))
+    check_beta(beta)
+    return softmax(X @ q, beta)
 
 
 def grad_energy_convex(q: chex.Array, X: chex.Array, beta: chex.Numeric) -> chex.Array:

@@ -15,16 +15,42 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def check_beta(beta: chex.Numeric) -> None:
+    """Raise ``ValueError`` unless beta > 0 and finite (checked where beta is a concrete value;
+    a traced beta, e.g. under ``vmap`` over betas, is the caller's to keep positive)."""
+    if isinstance(beta, jax.core.Tracer):
+        return
+    values = np.asarray(beta)
+    if not (np.all(np.isfinite(values)) and np.all(values > 0)):
+        raise ValueError(f"beta must be positive and finite, got {beta}")
+
+
+def _shifted(z: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """(max z, z - max z) over the last axis, the max held constant under autodiff (the shift
+    cancels exactly in every derivative)."""
+    top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    return top, z - top
 
 
 def lse(z: chex.Array, beta: chex.Numeric) -> chex.Array:
     """Log-sum-exp with temperature 1/beta over the last axis: beta^-1 log sum_i exp(beta z_i).
 
-    Computed as ``max(z) + beta^-1 log sum_i exp(beta (z_i - max z))`` (``jax.nn.logsumexp``),
-    so it stays finite for large beta (1e4 and beyond) and large |z|.
+    Computed as ``max(z) + beta^-1 log sum_i exp(beta (z_i - max z))``: the max is subtracted
+    before beta scales anything, so every exponent is <= 0 and the result stays finite for large
+    beta and large |z| (also in float32 under ``jit``, however XLA rounds ``beta z``).
     ``z``: ``(..., N)`` -> ``(...)``.
     """
-    return jax.nn.logsumexp(beta * z, axis=-1) / beta
+    top, shifted = _shifted(z)
+    return top[..., 0] + jnp.log(jnp.sum(jnp.exp(beta * shifted), axis=-1)) / beta
+
+
+def softmax(z: chex.Array, beta: chex.Numeric) -> chex.Array:
+    """softmax(beta z) over the last axis, the gradient of :func:`lse`: the max subtracted before
+    scaling, as in :func:`lse`. ``z``: ``(..., N)`` -> ``(..., N)``."""
+    return jax.nn.softmax(beta * _shifted(z)[1], axis=-1)
 
 
 def _check(q: chex.Array, X: chex.Array) -> None:
@@ -39,15 +65,18 @@ def max_norm(X: chex.Array) -> chex.Array:
 
 
 def energy_convex(q: chex.Array, X: chex.Array, beta: chex.Numeric) -> chex.Array:
-    """E1(q) = 1/2 q^T q + beta^-1 log N + 1/2 M^2 (convex in q). Returns a scalar."""
+    """E1(q) = 1/2 q^T q + beta^-1 log N + 1/2 M^2 (convex in q). Returns a scalar; raises
+    ``ValueError`` for beta <= 0."""
     _check(q, X)
+    check_beta(beta)
     n = X.shape[0]
     return 0.5 * q @ q + jnp.log(n) / beta + 0.5 * max_norm(X) ** 2
 
 
 def energy_concave(q: chex.Array, X: chex.Array, beta: chex.Numeric) -> chex.Array:
-    """E2(q) = -lse(beta, X q) (concave in q). Returns a scalar."""
+    """E2(q) = -lse(beta, X q) (concave in q). Returns a scalar; raises ``ValueError`` for beta <= 0."""
     _check(q, X)
+    check_beta(beta)
     return -lse(X @ q, beta)
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import hopfield
 from hopfield import verify as verify_module
+from hopfield import cccp_retrieve, energy, energy_concave, energy_convex, lse
 from hopfield.verify import relative_error, run_checks
 from tests.conftest import run_cli
 
@@ -225,3 +226,42 @@ def test_cli_errors_are_one_line(tmp_path):
     bad_flag = run_cli("experiments.hopfield", "verify", "--trials", "-3")
     assert bad_flag.returncode == 2
     assert bad_flag.stderr.strip().count("\n") == 0 and "--trials" in bad_flag.stderr
+
+
+def test_float32_under_jit_stays_finite_for_large_beta_and_raw_pixels():
+    """32 raw-pixel patterns (0..255, D = 6912), half-masked queries, beta = 100, float32 under
+    jit: one CCCP step, the batched step and retrieval stay finite and agree with the un-jitted
+    step; the query converges to its pattern."""
+    from hopfield.attention import cccp_step_batch
+
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.integers(0, 256, (32, 6912)).astype(np.float32))
+    Q = X.at[:, 3456:].set(0.0)
+    jitted, eager = jax.jit(cccp_step_batch)(Q, X, 100.0), cccp_step_batch(Q, X, 100.0)
+    assert bool(jnp.all(jnp.isfinite(jitted)))
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+    np.testing.assert_allclose(jitted, X, rtol=1e-6)  # each half query retrieves its own pattern
+    result = jax.jit(jax.vmap(lambda q: cccp_retrieve(q, X, 100.0)))(Q)
+    assert bool(jnp.all(result.converged)) and bool(jnp.all(jnp.isfinite(result.q)))
+    assert bool(jnp.all(jnp.isfinite(jax.vmap(lambda q: energy(q, X, 100.0))(Q))))
+
+
+def test_lse_subtracts_the_max_before_scaling():
+    z = jnp.array([1e30, 1e30 - 1e24, -1e30], jnp.float32)  # beta * z overflows float32
+    assert float(lse(z, 1e10)) == pytest.approx(1e30, rel=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda z: lse(z, 1e10))(z), [1.0, 0.0, 0.0], atol=1e-6)
+
+
+def test_a_non_finite_state_is_never_reported_as_converged():
+    X = jnp.eye(3)
+    result = cccp_retrieve(jnp.array([jnp.nan, 0.0, 0.0]), X, 1.0)
+    assert not bool(result.converged) and int(result.steps) == 1
+    assert bool(cccp_retrieve(jnp.array([1.0, 0.0, 0.0]), X, 8.0).converged)
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("inf"), float("nan")])
+def test_beta_must_be_positive_and_finite(beta):
+    q, X = jnp.ones(2), jnp.eye(2)
+    for fn in (energy, energy_convex, energy_concave, hopfield.cccp_step):
+        with pytest.raises(ValueError, match="beta must be positive"):
+            fn(q, X, beta)
