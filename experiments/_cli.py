@@ -66,8 +66,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
+
+
+def probability(text: str) -> float:
+    """A value in (0, 1]: a nucleus (top-p) mass."""
     value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def dropout_rate(text: str) -> float:
+    """A value in [0, 1): a dropout rate (1 would drop everything and train nothing)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
     return value

