@@ -8,6 +8,7 @@ Both sources become a :class:`Splits` of uint8 NHWC ``(n, 48, 48, 3)`` images an
 from __future__ import annotations
 
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,21 @@ class Splits:
     test: Split | None
 
 
+def _exact_uint8(path: Path, name: str, images: np.ndarray) -> np.ndarray:
+    """Non-uint8 pixels converted to uint8 only where that loses nothing: integers (or integral
+    floats) in 0..255. Anything else (e.g. floats in [0, 1], which a cast would flatten to 0 and
+    1) is refused with a one-line :class:`DataError`."""
+    if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise DataError(f"{path}: {name}_images has dtype {images.dtype}, expected uint8 pixels 0..255")
+    if images.size and (not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 255
+                        or not np.array_equal(images, np.round(images))):
+        low, high = (images.min(), images.max()) if images.size else (0, 0)
+        hint = "; floats in [0, 1]? multiply by 255 and round to uint8" if high <= 1 else ""
+        raise DataError(f"{path}: {name}_images ({images.dtype}, {low}..{high}) are not whole pixel values "
+                        f"0..255, expected uint8{hint}")
+    return images.astype(np.uint8)
+
+
 def _check_split(path: Path, name: str, images: np.ndarray, labels: np.ndarray, files=None) -> Split:
     if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{path}: {name}_images has shape {images.shape}, expected (n, 48, 48, 3) NHWC")
@@ -55,9 +71,7 @@ def _check_split(path: Path, name: str, images: np.ndarray, labels: np.ndarray, 
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise DataError(f"{path}: {name}_labels range over {labels.min()}..{labels.max()}, expected 0..5")
     if images.dtype != np.uint8:
-        if images.min() < 0 or images.max() > 255:
-            raise DataError(f"{path}: {name}_images has dtype {images.dtype} outside 0..255, expected uint8")
-        images = images.astype(np.uint8)
+        images = _exact_uint8(path, name, images)
     if files is not None and (files.ndim != 1 or len(files) != len(images)):
         files = None  # names that do not match the images one to one are ignored
     return Split(np.ascontiguousarray(images), labels.astype(np.int32), None if files is None else files.astype(str))
@@ -77,8 +91,11 @@ def load_npz(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
     for name in SPLITS:
         wanted = {f"{name}_images", f"{name}_labels"}
         if wanted <= keys:
-            files = data[f"{name}_files"] if f"{name}_files" in keys else None
-            splits[name] = _check_split(path, name, data[f"{name}_images"], data[f"{name}_labels"], files)
+            try:  # np.load reads each array when it is first indexed
+                arrays = [data[f"{name}_{part}"] for part in ("images", "labels", "files") if f"{name}_{part}" in keys]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                raise DataError(f"{path}: the {name} arrays cannot be read ({err}); expected {NPZ_FORMAT}") from None
+            splits[name] = _check_split(path, name, *arrays)
         elif name in required:
             missing = ", ".join(sorted(wanted - keys))
             raise DataError(f"{path}: missing {missing} (found {', '.join(sorted(keys)) or 'nothing'}); expected {NPZ_FORMAT}")
@@ -87,20 +104,31 @@ def load_npz(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
     return Splits(**splits)
 
 
-def _read_folder(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A folder of class sub-folders of JPEGs -> 48x48 uint8 images (Lanczos), labels and file
-    names (``<folder>/<class>/<file>``)."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _read_folder(root: Path, log=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A folder of class sub-folders of images -> 48x48 uint8 images (Lanczos), labels and file
+    names (``<folder>/<class>/<file>``). Extensions match in any case (.jpg, .JPG, .Jpeg, ...);
+    hidden files are skipped; ``log`` gets one line of what was read and skipped."""
     from PIL import Image
 
     # Kaggle's archive nests seg_train/seg_train/<class>; accept either depth.
     if not any((root / c).is_dir() for c in CLASS_NAMES) and (root / root.name).is_dir():
         root = root / root.name
     images, labels, files = [], [], []
+    read, hidden, other = Counter(), 0, Counter()
     for label, name in enumerate(CLASS_NAMES):
         folder = root / name
         if not folder.is_dir():
             raise DataError(f"{root}: no {name}/ sub-folder; expected one folder of JPEGs per class {CLASS_NAMES}")
-        for file in sorted(folder.glob("*.jp*g")):
+        for file in sorted(folder.iterdir()):
+            if file.name.startswith("."):
+                hidden += 1
+                continue
+            if not file.is_file() or file.suffix.lower() not in IMAGE_SUFFIXES:
+                other[file.suffix or "(none)"] += 1
+                continue
             try:
                 with Image.open(file) as img:
                     img = img.convert("RGB").resize(IMAGE_SHAPE[:2], Image.Resampling.LANCZOS)
@@ -109,8 +137,14 @@ def _read_folder(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             images.append(np.asarray(img, dtype=np.uint8))
             labels.append(label)
             files.append(f"{root.name}/{name}/{file.name}")
+            read[file.suffix] += 1
     if not images:
-        raise DataError(f"{root}: no JPEG images found under the class folders")
+        raise DataError(f"{root}: no images (.jpg, .jpeg, .png in any case) found under the class folders")
+    if log is not None:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(read.items()))
+        skipped = [f"{hidden} hidden"] if hidden else []
+        skipped += [f"{n} {suffix}" for suffix, n in sorted(other.items())]
+        log(f"{root}: read {len(images)} images ({kinds})" + (f"; skipped {', '.join(skipped)}" if skipped else ""))
     return np.stack(images), np.asarray(labels, dtype=np.int32), np.asarray(files)
 
 
@@ -127,7 +161,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return keep, held_out
 
 
-def load_kaggle(root: str | Path, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+def load_kaggle(root: str | Path, val_fraction: float = 0.1, seed: int = 0, log=None) -> Splits:
     """The original Kaggle layout: ``root/seg_train/<class>/*.jpg`` and ``root/seg_test/<class>/*.jpg``.
 
     Validation is a stratified, seeded ``val_fraction`` of seg_train.
@@ -135,27 +169,28 @@ def load_kaggle(root: str | Path, val_fraction: float = 0.1, seed: int = 0) -> S
     root = Path(root)
     if not (root / "seg_train").is_dir():
         raise DataError(f"{root}: no seg_train/ folder (expected the Kaggle layout seg_train/<class>/*.jpg, seg_test/...)")
-    images, labels, files = _read_folder(root / "seg_train")
+    images, labels, files = _read_folder(root / "seg_train", log)
     keep, held = stratified_split(labels, val_fraction, seed)
-    test = Split(*_read_folder(root / "seg_test")) if (root / "seg_test").is_dir() else None
+    test = Split(*_read_folder(root / "seg_test", log)) if (root / "seg_test").is_dir() else None
     return Splits(Split(images[keep], labels[keep], files[keep]), Split(images[held], labels[held], files[held]), test)
 
 
-def load(path: str | Path, required: tuple[str, ...] = SPLITS, tfds_dir: str | Path | None = None) -> Splits:
+def load(path: str | Path, required: tuple[str, ...] = SPLITS, tfds_dir: str | Path | None = None, log=None) -> Splits:
     """An .npz file or a Kaggle folder, by what ``path`` is; ``tfds:DIR`` goes through the
-    tensorflow-datasets builder with manual dir DIR (:mod:`cnn.tfds_intel`), cached in ``tfds_dir``."""
+    tensorflow-datasets builder with manual dir DIR (:mod:`cnn.tfds_intel`), cached in
+    ``tfds_dir``. Raises :class:`DataError` when a split in ``required`` is missing."""
     if str(path).startswith("tfds:"):
         from cnn.tfds_intel import load_tfds
 
         splits = load_tfds(str(path)[len("tfds:") :], *(() if tfds_dir is None else (tfds_dir,)))
-        missing = [name for name in required if getattr(splits, name) is None]
-        if missing:
-            raise DataError(f"{path}: the prepared dataset has no {', '.join(missing)} split")
-        return splits
-    path = Path(path)
-    if path.is_dir():
-        return load_kaggle(path)
-    return load_npz(path, required)
+    elif Path(path).is_dir():
+        splits = load_kaggle(path, log=log)
+    else:
+        return load_npz(path, required)
+    missing = [name for name in required if getattr(splits, name) is None]
+    if missing:
+        raise DataError(f"{path}: no {', '.join(missing)} split (a Kaggle folder needs seg_test/ for the test split)")
+    return splits
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

@@ -23,16 +23,23 @@ from cnn.data import CLASS_NAMES, IMAGE_SHAPE, DataError, Split, Splits, load_ka
 TFDS_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
-def read_manual_dir(manual_dir: Path) -> Splits:
-    """The Kaggle folders if ``seg_train/`` is there, else the single .npz in the folder."""
+def _source(manual_dir: Path) -> Path:
+    """The manual dir itself where it holds Kaggle's ``seg_train/``, else its one .npz; a
+    one-line :class:`DataError` otherwise (checked before TFDS starts preparing)."""
     if (manual_dir / "seg_train").is_dir():
-        return load_kaggle(manual_dir)
+        return manual_dir
     files = sorted(manual_dir.glob("*.npz"))
     if len(files) != 1:
         raise DataError(
             f"{manual_dir}: expected seg_train/ and seg_test/ folders or exactly one .npz, found {len(files)} .npz files"
         )
-    return load_npz(files[0])
+    return files[0]
+
+
+def read_manual_dir(manual_dir: Path) -> Splits:
+    """The Kaggle folders if ``seg_train/`` is there, else the single .npz in the folder."""
+    source = _source(manual_dir)
+    return load_kaggle(source) if source.is_dir() else load_npz(source)
 
 
 class IntelScenes(tfds.core.GeneratorBasedBuilder):
@@ -85,6 +92,7 @@ def load_tfds(manual_dir: str | Path, data_dir: str | Path = Path.home() / "tens
     manual_dir = Path(manual_dir)
     if not manual_dir.is_dir():
         raise DataError(f"{manual_dir}: no such folder (the TFDS manual dir: one .npz or seg_train/ and seg_test/)")
+    _source(manual_dir)
     builder = IntelScenes(data_dir=str(Path(data_dir) / f"intel_scenes_{_fingerprint(manual_dir)}"),
                           file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))

@@ -177,7 +177,7 @@ def log_duplicates(splits, log) -> None:
 
 
 def cmd_train(args, log) -> int:
-    splits = load(args.data, tfds_dir=args.tfds_dir)
+    splits = load(args.data, tfds_dir=args.tfds_dir, log=log)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
         raise UserError(f"{args.data}: training needs non-empty train and val splits")
     if args.batch_size > len(splits.train):
@@ -258,7 +258,7 @@ def cmd_evaluate(args, log) -> int:
     meta = checkpoints.newest_meta(log)
     is_cnn_run(checkpoints.directory)(meta)
     config = meta["config"]
-    splits = load(args.data, required=("test",), tfds_dir=args.tfds_dir)
+    splits = load(args.data, required=("test",), tfds_dir=args.tfds_dir, log=log)
     log_duplicates(splits, log)
     split = splits.test
     trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"], impl=args.impl)

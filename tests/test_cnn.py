@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import chex
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cnn import CNN, CLASS_NAMES, IMPLS, DataError, Trainer, count_params, load_kaggle, load_npz
+from cnn import CNN, CLASS_NAMES, IMPLS, DataError, Trainer, count_params, load, load_kaggle, load_npz
 from cnn.xla_cpu.pool import max_pool_2x2
 from cnn.train import nll_loss
 from experiments import cnn as cnn_cli
@@ -320,6 +321,36 @@ def test_data_errors(tmp_path):
     assert load_npz(tmp_path / "test_only.npz", required=("test",)).train is None
 
 
+def test_pixels_are_converted_only_where_nothing_is_lost(tmp_path):
+    data = tiny_splits()
+    scaled = dict(data, train_images=data["train_images"].astype(np.float32) / 255.0)  # floats in [0, 1]
+    np.savez(tmp_path / "unit.npz", **scaled)
+    with pytest.raises(DataError, match=r"not whole pixel values 0..255.*multiply by 255"):
+        load_npz(tmp_path / "unit.npz")
+    exact = dict(data, train_images=data["train_images"].astype(np.float64), val_images=data["val_images"].astype(np.int64))
+    np.savez(tmp_path / "exact.npz", **exact)
+    loaded = load_npz(tmp_path / "exact.npz")
+    np.testing.assert_array_equal(loaded.train.images, data["train_images"])
+    assert loaded.train.images.dtype == loaded.val.images.dtype == np.uint8
+
+
+def test_unreadable_arrays_are_one_line_errors(tmp_path):
+    data = tiny_splits()
+    np.savez(tmp_path / "objects.npz", **dict(data, val_labels=np.array([None] * 16, dtype=object)))
+    with pytest.raises(DataError, match="the val arrays cannot be read"):
+        load_npz(tmp_path / "objects.npz")
+    np.savez(tmp_path / "good.npz", **data)
+    raw = bytearray((tmp_path / "good.npz").read_bytes())
+    start = raw.index(b"train_images.npy") + 200  # inside that array's stored bytes
+    raw[start : start + 64] = bytes(64)
+    (tmp_path / "crc.npz").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="cannot be read"):
+        load_npz(tmp_path / "crc.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="found 0 .npz files"):
+        load(f"tfds:{tmp_path / 'empty'}", tfds_dir=tmp_path / "tfds")
+
+
 def test_duplicates_are_counted_within_and_across_splits_and_named_by_file(tmp_path):
     from cnn.data import DEFAULT_NPZ, find_duplicates
 
@@ -359,6 +390,19 @@ def test_kaggle_folders(tmp_path):
     assert splits.train.images.shape == (48, 48, 48, 3) and splits.train.images.dtype == np.uint8
     assert np.bincount(splits.val.labels).tolist() == [2] * 6  # stratified
     assert len(splits.test) == 12
+    # extensions in any case, hidden files and others skipped and counted
+    forest = tmp_path / "seg_train" / "seg_train" / "forest"
+    for name in ("upper.JPG", "mixed.Jpeg", "shot.png"):
+        Image.fromarray(rng.integers(0, 255, (150, 150, 3), dtype=np.uint8)).save(forest / name, format="PNG" if name.endswith("png") else "JPEG")
+    (forest / ".DS_Store").write_bytes(b"junk")
+    (forest / "notes.txt").write_text("junk")
+    lines = []
+    splits = load_kaggle(tmp_path, val_fraction=0.2, seed=0, log=lines.append)
+    assert len(splits.train) + len(splits.val) == 63
+    assert lines[0].endswith("read 63 images (1 .JPG, 1 .Jpeg, 60 .jpg, 1 .png); skipped 1 hidden, 1 .txt"), lines
+    shutil.rmtree(tmp_path / "seg_test")  # --evaluate on such a folder: one line
+    with pytest.raises(DataError, match="no test split"):
+        load(tmp_path, required=("test",))
 
 
 def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys):
