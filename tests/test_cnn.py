@@ -472,7 +472,7 @@ def test_divergence_is_reported_and_the_sweep_goes_on(tiny_npz, tmp_path, capsys
     assert cnn_cli.main(["--data", str(tiny_npz), "--lr", "1e6", "0.01", "--epochs", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "diverged" in out
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert metrics["runs"]["1e+06"]["diverged"] is True
     assert metrics["selected"]["lr"] == 0.01
 
@@ -529,6 +529,24 @@ def test_vmapped_step_of_the_bn_variant_matches_its_members():
             np.testing.assert_allclose(update_a, update_b, rtol=0, atol=1e-4 * np.abs(update_b).max() + ulps, err_msg=name)
         for a, b in zip(jax.tree.leaves(sweep.member(state, i).stats), jax.tree.leaves(alone.stats)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("command", [["experiments.cnn"], ["experiments.p2g", "train"], ["experiments.p2g", "test"]])
+def test_help_gives_every_option_a_line_and_the_homework_defaults(command):
+    import re
+
+    proc = run_cli(*command, "--help")
+    assert proc.returncode == 0
+    options = proc.stdout.split("options:")[1]
+    entries = re.split(r"\n  (?=-)", options.strip())
+    for entry in entries:
+        assert len(entry.split(None, 2)) > 2 or "\n" in entry, f"no help line: {entry!r}"
+    if command == ["experiments.cnn"]:
+        for default in ("default: 40", "default: 8", "default: [0.01]", "intel_landscapes_48.npz"):
+            assert default in " ".join(options.split()), default
+    if command[-1] == "train":
+        for default in ("default: 20", "default: 0.003", "default: 0.3", "default: 128", "default: 64"):
+            assert default in " ".join(options.split()), default
 
 
 def test_cli_errors_are_one_line(tmp_path):

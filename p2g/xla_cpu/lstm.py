@@ -31,7 +31,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 
 def _gates(gx_t, h, c, kernel_h):
