@@ -422,6 +422,11 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
     for name in ("training_loss.png", "val_accuracy.png", "confusion_matrix.png"):
         assert (tmp_path / "a" / name).stat().st_size > 1000
     assert len(a["runs"]["0.05"]["history"]) == 3
+    # reruns that cannot resume this folder: one line each, before any array is read
+    with pytest.raises(cnn_cli.UserError, match="3 epochs, more than --epochs 2"):
+        cnn_cli.main([*common, "--epochs", "2", "--out", str(tmp_path / "a")])
+    with pytest.raises(cnn_cli.UserError, match="other settings .*batch_norm: False"):
+        cnn_cli.main([*common, "--epochs", "3", "--batch-norm", "--out", str(tmp_path / "a")])
 
     capsys.readouterr()
     test_only = tmp_path / "test_only.npz"
@@ -430,6 +435,26 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
     assert cnn_cli.main(["--evaluate", str(tmp_path / "a"), "--data", str(test_only)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= last["test_acc"] <= 1.0
+
+
+def test_checkpoints_of_the_wrong_kind_or_damaged_are_one_line_errors(tiny_npz, tmp_path):
+    from experiments._checkpoint import Checkpoints
+
+    fake = Checkpoints(tmp_path / "p2g" / "best")
+    fake.save(0, {"w": np.zeros(3, np.float32)}, {"config": {"src_vocab": ["<pad>"]}, "history": []})
+    fake.close()
+    proc = run_cli("experiments.cnn", "--evaluate", str(tmp_path / "p2g"), "--data", str(tiny_npz))
+    assert proc.returncode == 2 and "not a CNN checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    cnn_run = tmp_path / "cnn"
+    assert cnn_cli.main(["--data", str(tiny_npz), "--epochs", "2", "--quiet", "--out", str(cnn_run)]) == 0
+    proc = run_cli("experiments.p2g", "test", "--checkpoint", str(cnn_run / "lr_0.01"))
+    assert proc.returncode == 2 and "not a P2G checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    for array_file in (cnn_run / "lr_0.01" / "best").rglob("*"):  # damage every stored array of best/
+        if array_file.is_file() and "meta" not in str(array_file) and array_file.stat().st_size > 1000:
+            array_file.write_bytes(array_file.read_bytes()[:100])
+    proc = run_cli("experiments.cnn", "--evaluate", str(cnn_run / "lr_0.01"), "--data", str(tiny_npz))
+    assert proc.returncode == 2 and "no readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot be read" in proc.stdout
 
 
 def test_cli_trains_the_reference_impl_and_will_not_resume_it_with_the_other(tiny_npz, tmp_path):
