@@ -66,3 +66,20 @@ def run_killed_at_save(at: int, where: str, module: str, *args: str) -> subproce
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-c", KILL_AT_SAVE, str(at), where, module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (what CI runs)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: command-line, subprocess, benchmark and long tests; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -556,7 +556,8 @@ def test_vmapped_step_of_the_bn_variant_matches_its_members():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("command", [["experiments.cnn"], ["experiments.p2g", "train"], ["experiments.p2g", "test"]])
+@pytest.mark.parametrize("command", [["experiments.cnn"], ["experiments.p2g", "train"], ["experiments.p2g", "test"],
+                                     ["experiments.hopfield", "verify"], ["experiments.hopfield", "retrieve"]])
 def test_help_gives_every_option_a_line_and_the_homework_defaults(command):
     import re
 
