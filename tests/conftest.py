@@ -41,7 +41,8 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
 
 
 # Runs ``python -m MODULE ARGS`` with orbax saves patched to SIGKILL the process at the AT-th save
-# of the run, just BEFORE or AFTER it (argv: AT WHERE MODULE ARGS...).
+# of the run, just "before" or "after" it, or to fail it as a full disk does ("disk-full")
+# (argv: AT WHERE MODULE ARGS...).
 KILL_AT_SAVE = """
 import os, runpy, signal, sys
 from experiments import _checkpoint
@@ -51,6 +52,8 @@ def killing_save(self, *args, **kwargs):
     count[0] += 1
     if count[0] == at and where == "before":
         os.kill(os.getpid(), signal.SIGKILL)
+    if count[0] == at and where == "disk-full":
+        raise OSError(28, "No space left on device", str(self.directory))
     save(self, *args, **kwargs)
     if count[0] == at and where == "after":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -62,7 +65,7 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 def run_killed_at_save(at: int, where: str, module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m module args`` killed (SIGKILL) at its ``at``-th checkpoint save, ``where`` being
-    "before" or "after" that save."""
+    "before" or "after" that save, or with that save failing for a full disk ("disk-full")."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-c", KILL_AT_SAVE, str(at), where, module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

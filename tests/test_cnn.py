@@ -473,7 +473,7 @@ KILLS = ((2, "before"), (1, "after"), (2, "after"), (3, "before"), (1, "before")
 def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_metrics(tiny_npz, tmp_path):
     """SIGKILL at save after save (before and after writing, between the latest and the best
     checkpoint too), each time rerunning the same command: the last rerun ends with the metrics
-    of a run that was never interrupted."""
+    of a run that was never interrupted. Likewise after a save that fails for a full disk."""
     common = ["--data", str(tiny_npz), "--batch-size", "8", "--epochs", "4", "--quiet"]
     assert cnn_cli.main([*common, "--out", str(tmp_path / "clean")]) == 0
     kills = 0
@@ -486,11 +486,17 @@ def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_metrics(tin
     assert kills >= 3
     proc = run_cli("experiments.cnn", *common, "--out", str(tmp_path / "killed"))
     assert proc.returncode == 0, proc.stderr
-    clean, killed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("clean", "killed"))
-    for run in (clean, killed):
+    # a disk that fills up at the third save: one line, exit 2; the same command then finishes
+    proc = run_killed_at_save(3, "disk-full", "experiments.cnn", *common, "--out", str(tmp_path / "full"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: No space left on device: {tmp_path / 'full' / 'lr_0.01' / 'ckpt'}"], proc.stderr
+    assert run_cli("experiments.cnn", *common, "--out", str(tmp_path / "full")).returncode == 0
+    clean, killed, full = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("clean", "killed", "full"))
+    for run in (clean, killed, full):
         for record in run["runs"]["0.01"]["history"]:
             del record["seconds"]
     assert killed["runs"] == clean["runs"] and killed["selected"] == clean["selected"]
+    assert full["runs"] == clean["runs"] and full["selected"] == clean["selected"]
 
 
 def test_divergence_is_reported_and_the_sweep_goes_on(tiny_npz, tmp_path, capsys):
