@@ -11,9 +11,21 @@ from hopfield.derivatives import (
     hessian_neg_energy_concave,
 )
 from hopfield.energy import energy, energy_concave, energy_convex, lse, max_norm
+from hopfield.layers import (
+    Hopfield,
+    HopfieldLayer,
+    HopfieldPooling,
+    hopfield_iterate,
+    hopfield_update,
+    hopfield_weights,
+    masked_softmax,
+)
 
 __all__ = [
     "ClassicRetrieval",
+    "Hopfield",
+    "HopfieldLayer",
+    "HopfieldPooling",
     "Retrieval",
     "attention_weights",
     "binary_sign",
@@ -32,6 +44,10 @@ __all__ = [
     "grad_neg_energy_concave",
     "hessian_energy_convex",
     "hessian_neg_energy_concave",
+    "hopfield_iterate",
+    "hopfield_update",
+    "hopfield_weights",
     "lse",
+    "masked_softmax",
     "max_norm",
 ]
