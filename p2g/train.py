@@ -94,13 +94,14 @@ class TrainState(NamedTuple):
 class Trainer:
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
                  lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None,
-                 impl: str = "reference"):
+                 impl: str = "reference", hopfield_steps: int = 1):
         self.batch_size, self.seed = batch_size, seed
         self.devices = list(devices) if devices else [jax.devices()[0]]
         if len(self.devices) > batch_size:
             raise ValueError(f"{len(self.devices)} devices for batches of {batch_size}: at most one device an example")
         self.tx = optax.adam(lr)
-        model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed), impl=impl)
+        model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed), impl=impl,
+                        hopfield_steps=hopfield_steps)
         model.train()
         self.train_graph, self._params = nnx.split(model, nnx.Param)
         model.eval()

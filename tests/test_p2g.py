@@ -138,7 +138,7 @@ def random_batch(rng, B=5, S=7, T=6, src_vocab=12, tgt_vocab=10):
     return src, src_len, tgt_in, tgt_out
 
 
-@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("attention", [False, True, "hopfield"])
 def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, attention):
     """reference and xla_cpu: the same parameter tree and initial values, the same logits in eval
     mode and the same loss and gradient in train mode with dropout off (float64)."""
@@ -179,7 +179,7 @@ def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("attention", [False, True, "hopfield"])
 def test_padding_changes_nothing(attention, impl):
     model = small_model(attention, impl=impl)
     src = jnp.array([[4, 5, 6, 0], [7, 8, 9, 10]])
@@ -212,13 +212,28 @@ def test_attention_weights_sum_to_one_over_real_positions():
     assert bool(jnp.all(alpha[1] > 0))
 
 
+def test_hopfield_attention_gives_pad_positions_no_weight_and_steps_change_it():
+    src, lengths = jnp.array([[4, 5, 0, 0, 0], [7, 8, 9, 10, 11]]), jnp.array([2, 5])
+    tgt = jnp.array([[SOS, 4, 5], [SOS, 6, 7]])
+    outs = {}
+    for steps in (1, 3):
+        model = Seq2Seq(12, 10, hidden=16, dropout=0.0, attention="hopfield", rngs=nnx.Rngs(0), hopfield_steps=steps)
+        model.eval()
+        enc, carry = model.encoder(src, lengths)
+        _, alpha = model.decoder(tgt, carry, enc, src != PAD)
+        np.testing.assert_allclose(alpha.sum(-1), 1.0, rtol=1e-5)
+        np.testing.assert_array_equal(alpha[0, :, 2:], 0.0)
+        outs[steps] = model(src, lengths, tgt)
+    assert not np.allclose(outs[1], outs[3])  # the extra CCCP updates change the context
+
+
 def test_sequence_loss_ignores_pad():
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]]))
     assert float(sequence_loss(logits, jnp.array([[1, PAD]]))) == pytest.approx(-np.log(0.25), rel=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("attention", [False, True, "hopfield"])
 def test_teacher_forcing_and_stepwise_decoding_agree(attention, impl):
     model = small_model(attention, impl=impl)
     src, lengths = jnp.array([[4, 5, 6, 0]]), jnp.array([3])
@@ -450,6 +465,21 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     assert any(line.startswith("skipped 1 malformed line(s)") and "test.tsv:41: no tab" in line for line in lines)
     assert 0.0 <= result["beam"]["cer"] and result["beam"]["width"] == 3
     assert (tmp_path / "maps" / f"attention_{word}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cli_trains_with_hopfield_attention(data_dir, tmp_path, capsys):
+    common = ["train", "--attn", "hopfield", "--hopfield-steps", "3", "--data-dir", str(data_dir), "--hidden", "16",
+              "--batch-size", "32", "--epochs", "2", "--quiet", "--out", str(tmp_path / "h")]
+    assert p2g_cli.main(common) == 0
+    history = json.loads((tmp_path / "h" / "history.json").read_text())
+    assert len(history["history"]) == 2 and history["history"][1]["train_loss"] < history["history"][0]["train_loss"]
+    word = (data_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")[1]
+    assert p2g_cli.main(["test", "--checkpoint", str(tmp_path / "h"), "--data-dir", str(data_dir), "--quiet",
+                         "--plot-attention", word, "--plot-dir", str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / f"attention_{word}.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        p2g_cli.main(["train", "--attn", "--hopfield-steps", "3"])
 
 
 def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_history(data_dir, tmp_path):
