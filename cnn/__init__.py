@@ -1,7 +1,7 @@
 """CNNs on the Intel Image Classification scenes in Flax NNX (IST DL 2024-25, Homework 2, Question 2)."""
 
 from cnn.data import CLASS_NAMES, DataError, Split, Splits, load, load_kaggle, load_npz
-from cnn.model import CNN, IMPLS, ConvBlock, count_params
+from cnn.model import CNN, IMPLS, POOLS, ConvBlock, count_params
 from cnn.train import SweepTrainer, Trainer, TrainState, confusion_matrix, nll_loss
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "CNN",
     "ConvBlock",
     "IMPLS",
+    "POOLS",
     "DataError",
     "Split",
     "Splits",

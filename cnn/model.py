@@ -7,6 +7,9 @@ Baseline head (``batch_norm=False``): flatten (6*6*128 = 4608) -> 1024 -> ReLU -
 -> 512 -> ReLU -> 6 -> log-softmax. 5,340,742 trainable parameters.
 BN variant (``batch_norm=True``): global average pooling (128) -> 1024 -> ReLU -> BatchNorm
 -> dropout 0.1 -> 512 -> ReLU -> 6 -> log-softmax. 755,718 trainable parameters.
+With ``pool="hopfield"`` the BN variant pools the last block's 6x6 grid with a
+:class:`hopfield.layers.HopfieldPooling` instead (one learned query retrieving from the 36
+feature vectors: Z = softmax(beta Q K^T) V); 822,150 trainable parameters.
 
 ``impl="reference"`` (the default) builds the model from Flax's own layers, its gradient by
 autodiff. ``impl="xla_cpu"`` swaps in the kernels of :mod:`cnn.xla_cpu` (written-out gradients
@@ -30,6 +33,7 @@ IMAGE_SHAPE = (48, 48, 3)
 CHANNELS = (32, 64, 128)
 DROPOUT = 0.1
 IMPLS = ("reference", "xla_cpu")
+POOLS = ("average", "hopfield")
 
 
 class ConvBlock(nnx.Module):
@@ -74,18 +78,30 @@ def layers(impl: str) -> Layers:
     raise ValueError(f"unknown CNN implementation {impl!r}; expected one of {IMPLS}")
 
 
+def hopfield_pooling(rngs: nnx.Rngs) -> nnx.Module:
+    """One learned query retrieving from the last block's feature vectors (:mod:`hopfield.layers`)."""
+    from hopfield.layers import HopfieldPooling
+
+    return HopfieldPooling(CHANNELS[-1], quantity=1, rngs=rngs)
+
+
 class CNN(nnx.Module):
     """``(B, 48, 48, 3)`` float images -> ``(B, 6)`` log-probabilities.
 
     ``batch_norm`` switches between the baseline and the BN + global-average-pooling variant;
-    ``impl`` picks the layer set (module docstring). Train/eval mode (dropout, BatchNorm
-    statistics) follows ``model.train()`` / ``model.eval()``; in train mode dropout draws from
-    ``rngs`` (its ``dropout`` stream), passed per call so that the model's state holds only
-    arrays (parameters and BatchNorm statistics). Raises ``ValueError`` for an unknown ``impl``.
+    ``impl`` picks the layer set and ``pool`` the BN variant's pooling (module docstring).
+    Train/eval mode (dropout, BatchNorm statistics) follows ``model.train()`` / ``model.eval()``;
+    in train mode dropout draws from ``rngs`` (its ``dropout`` stream), passed per call so that
+    the model's state holds only arrays (parameters and BatchNorm statistics). Raises
+    ``ValueError`` for an unknown ``impl`` or ``pool``, and for ``pool="hopfield"`` without BatchNorm.
     """
 
-    def __init__(self, batch_norm: bool, rngs: nnx.Rngs, impl: str = "reference"):
+    def __init__(self, batch_norm: bool, rngs: nnx.Rngs, impl: str = "reference", pool: str = "average"):
         parts = layers(impl)
+        if pool not in POOLS:
+            raise ValueError(f"unknown pooling {pool!r}; expected one of {POOLS}")
+        if pool == "hopfield" and not batch_norm:
+            raise ValueError("pool='hopfield' replaces the BN variant's global average pooling: it needs batch_norm=True")
         self.batch_norm, self.impl = batch_norm, impl
         ins = (IMAGE_SHAPE[-1],) + CHANNELS[:-1]
         self.blocks = nnx.List([parts.conv_block(i, o, batch_norm, rngs=rngs) for i, o in zip(ins, CHANNELS)])
@@ -96,13 +112,20 @@ class CNN(nnx.Module):
         self.dropout = parts.dropout(DROPOUT)
         self.fc2 = nnx.Linear(1024, 512, dot_general=parts.dot_general, rngs=rngs)
         self.fc3 = nnx.Linear(512, NUM_CLASSES, dot_general=parts.dot_general, rngs=rngs)
+        self.pool = hopfield_pooling(rngs) if pool == "hopfield" else None  # made last: the other layers
+        # then start as in the average-pooling model
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         chex.assert_rank(images, 4)
         x = images
         for block in self.blocks:
             x = block(x, rngs)
-        x = jnp.mean(x, axis=(1, 2)) if self.batch_norm else x.reshape(x.shape[0], -1)  # GAP or flatten
+        if not self.batch_norm:
+            x = x.reshape(x.shape[0], -1)  # flatten
+        elif self.pool is None:
+            x = jnp.mean(x, axis=(1, 2))  # global average pooling
+        else:
+            x = self.pool(x.reshape(x.shape[0], -1, x.shape[-1]))[:, 0]  # Hopfield pooling of the 6x6 grid
         x = nnx.relu(self.fc1(x))
         if self.norm is not None:
             x = self.norm(x)  # BN right before dropout

@@ -74,7 +74,7 @@ class Trainer:
     """Holds what is static for a run (graphs, optimiser, mesh) and the jitted pure functions."""
 
     def __init__(self, batch_norm: bool, lr: float, batch_size: int, seed: int = 0, devices=None,
-                 impl: str = "reference"):
+                 impl: str = "reference", pool: str = "average"):
         devices = list(devices if devices is not None else default_devices())
         if batch_size % len(devices):
             raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} devices")
@@ -83,7 +83,7 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.tx = optax.sgd(lr)
-        model = CNN(batch_norm, rngs=nnx.Rngs(params=seed), impl=impl)
+        model = CNN(batch_norm, rngs=nnx.Rngs(params=seed), impl=impl, pool=pool)
         model.train()
         self.train_graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         model.eval()
@@ -204,9 +204,10 @@ class SweepTrainer:
     ``members[i]`` is the plain trainer of ``lrs[i]`` (evaluation, checkpoint shapes).
     """
 
-    def __init__(self, batch_norm: bool, lrs, batch_size: int, seed: int = 0, devices=None, impl: str = "reference"):
+    def __init__(self, batch_norm: bool, lrs, batch_size: int, seed: int = 0, devices=None, impl: str = "reference",
+                 pool: str = "average"):
         self.lrs = tuple(float(lr) for lr in lrs)
-        self.members = [Trainer(batch_norm, lr, batch_size, seed, devices, impl) for lr in self.lrs]
+        self.members = [Trainer(batch_norm, lr, batch_size, seed, devices, impl, pool) for lr in self.lrs]
         lead = self.members[0]
         self.replicated = lead.replicated
         step = jax.vmap(lead._train_step_impl, in_axes=(0, None, None, None, None, 0))

@@ -50,7 +50,9 @@ class Run:
             "train_examples": len(splits.train),
             "impl": args.impl,
         }
-        self.trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl)
+        if args.pool != "average":
+            config["pool"] = args.pool
+        self.trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl, pool=args.pool)
         self.checkpoints = RunCheckpoints(directory)
         self.meta = {"config": config, "history": [], "diverged": False, "best_epoch": None, "best_val_acc": -1.0}
         self.state = self.trainer.init_state()
@@ -138,7 +140,8 @@ def train_vmapped(runs: list[Run], splits, log) -> None:
             train_sequentially(run, splits)
         return
     args = todo[0].args
-    sweep = SweepTrainer(args.batch_norm, [run.lr for run in todo], args.batch_size, args.seed, impl=args.impl)
+    sweep = SweepTrainer(args.batch_norm, [run.lr for run in todo], args.batch_size, args.seed, impl=args.impl,
+                         pool=args.pool)
     state = sweep.stack([run.state for run in todo])
     images, labels = sweep.members[0].put(splits.train.images), sweep.members[0].put(splits.train.labels)
     val_images, val_labels = sweep.members[0].put(splits.val.images), sweep.members[0].put(splits.val.labels)
@@ -183,7 +186,7 @@ def cmd_train(args, log) -> int:
     if args.batch_size > len(splits.train):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(splits.train)} training images of {args.data}")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "batch-norm CNN" if args.batch_norm else "baseline CNN"
+    name = ("batch-norm CNN" if args.batch_norm else "baseline CNN") + (", Hopfield pooling" if args.pool == "hopfield" else "")
     log(
         f"{name}: {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test) if splits.test else 0} test images from {args.data}; out: {args.out}"
@@ -205,7 +208,7 @@ def cmd_train(args, log) -> int:
     if not finished:
         raise UserError("every learning rate diverged; nothing to select")
     lr = max(finished, key=lambda k: finished[k]["best_val_acc"])
-    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl)
+    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl, pool=args.pool)
     selected = {"lr": lr, "epoch": finished[lr]["best_epoch"], "val_acc": finished[lr]["best_val_acc"]}
     if splits.test is not None and len(splits.test):
         selected["test_acc"], preds = test_accuracy(Checkpoints(run_dir(args.out, lr) / "best"), trainer, splits.test, log)
@@ -216,7 +219,7 @@ def cmd_train(args, log) -> int:
 
     plot_curves({f"lr={k:g}": m["history"] for k, m in runs.items()}, args.out, name)
     metrics = {
-        "model": "batch_norm" if args.batch_norm else "baseline",
+        "model": ("batch_norm" if args.batch_norm else "baseline") + ("" if args.pool == "average" else f"_{args.pool}_pool"),
         "impl": args.impl,
         "params": count_params(trainer.model(trainer.init_state())),
         "data": str(args.data),
@@ -261,7 +264,8 @@ def cmd_evaluate(args, log) -> int:
     splits = load(args.data, required=("test",), tfds_dir=args.tfds_dir, log=log)
     log_duplicates(splits, log)
     split = splits.test
-    trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"], impl=args.impl)
+    trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"], impl=args.impl,
+                      pool=config.get("pool", "average"))
     acc, _ = test_accuracy(checkpoints, trainer, split, log)
     log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {args.data}")
     print(strict_json({"test_acc": acc}))
@@ -276,6 +280,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tfds-dir", type=Path, help="where TFDS prepares data (default: ~/tensorflow_datasets)")
     parser.add_argument("--lr", type=positive_float, nargs="+", default=[0.01], help="learning rate(s) to sweep, SGD (default: %(default)s; the homework's sweep: 0.1 0.01 0.001)")
     parser.add_argument("--batch-norm", action="store_true", help="the BN + global-average-pooling variant")
+    parser.add_argument("--pool", choices=("average", "hopfield"), default="average",
+                        help="the BN variant's pooling: global average, or a HopfieldPooling layer over the 6x6 grid "
+                             "(default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=40, help="training epochs (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images a step (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial parameters, batches and dropout (default: %(default)s)")
@@ -293,8 +300,10 @@ def main(argv=None) -> int:
     if args.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
         tune_cpu()
         cnn_retains_memory(args.batch_size * (len(args.lr) if args.vmap_sweep else 1))
+    if args.pool != "average" and not args.batch_norm:
+        parser.error("--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
     if args.out is None:
-        args.out = Path("runs/cnn-bn" if args.batch_norm else "runs/cnn")
+        args.out = Path("runs/cnn-bn-hopfield" if args.pool == "hopfield" else "runs/cnn-bn" if args.batch_norm else "runs/cnn")
     from cnn.train import default_devices
 
     devices = len(default_devices())

@@ -50,6 +50,20 @@ def test_parameter_counts_and_log_probabilities(batch_norm, expected, impl):
     assert bool(jnp.all(out <= 0))
 
 
+def test_hopfield_pooling_replaces_global_average_pooling():
+    average, hopfield = CNN(True, rngs=nnx.Rngs(0)), CNN(True, rngs=nnx.Rngs(0), pool="hopfield")
+    assert count_params(hopfield) == 822_150
+    assert "query" in nnx.to_pure_dict(nnx.state(hopfield, nnx.Param))["pool"]  # the learned state pattern
+    # the layers both models share start from the same values (the pooling is made last)
+    shared = nnx.to_pure_dict(nnx.state(average, nnx.Param))
+    chex.assert_trees_all_equal(shared, {k: v for k, v in nnx.to_pure_dict(nnx.state(hopfield, nnx.Param)).items() if k != "pool"})
+    hopfield.eval()
+    x = jnp.asarray(np.random.default_rng(0).random((2, 48, 48, 3)), jnp.float32)
+    assert hopfield(x).shape == (2, 6)
+    with pytest.raises(ValueError, match="needs batch_norm=True"):
+        CNN(False, rngs=nnx.Rngs(0), pool="hopfield")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batch_norm_switch(impl):
     plain, normed = CNN(False, rngs=nnx.Rngs(0), impl=impl), CNN(True, rngs=nnx.Rngs(0), impl=impl)
@@ -77,12 +91,13 @@ def float64(tree):
     return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-@pytest.mark.parametrize("batch_norm", [False, True], ids=["baseline", "BN"])
-def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, batch_norm):
+@pytest.mark.parametrize("batch_norm, pool", [(False, "average"), (True, "average"), (True, "hopfield")],
+                         ids=["baseline", "BN", "BN, Hopfield pooling"])
+def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, batch_norm, pool):
     """reference and xla_cpu: the same parameter tree and initial values; the same log-probabilities
     in eval mode; in train mode with dropout off, the same loss, gradients (jitted) and updated
     running statistics (float64)."""
-    models = {impl: CNN(batch_norm, rngs=nnx.Rngs(0), impl=impl) for impl in IMPLS}
+    models = {impl: CNN(batch_norm, rngs=nnx.Rngs(0), impl=impl, pool=pool) for impl in IMPLS}
     chex.assert_trees_all_equal(*(nnx.state(m, nnx.Param) for m in models.values()))
     rng = np.random.default_rng(0)
     x, y = jnp.asarray(rng.random((4, 48, 48, 3))), jnp.asarray(rng.integers(0, 6, 4))
@@ -455,6 +470,19 @@ def test_checkpoints_of_the_wrong_kind_or_damaged_are_one_line_errors(tiny_npz, 
     proc = run_cli("experiments.cnn", "--evaluate", str(cnn_run / "lr_0.01"), "--data", str(tiny_npz))
     assert proc.returncode == 2 and "no readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "cannot be read" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_trains_the_hopfield_pooling_variant(tiny_npz, tmp_path):
+    out = tmp_path / "h"
+    assert cnn_cli.main(["--data", str(tiny_npz), "--batch-norm", "--pool", "hopfield", "--epochs", "2", "--quiet",
+                         "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "batch_norm_hopfield_pool" and metrics["params"] == 822_150
+    assert metrics["runs"]["0.01"]["config"]["pool"] == "hopfield"
+    assert cnn_cli.main(["--evaluate", str(out), "--data", str(tiny_npz), "--quiet"]) == 0
+    proc = run_cli("experiments.cnn", "--pool", "hopfield", "--data", str(tiny_npz))
+    assert proc.returncode == 2 and "add --batch-norm" in proc.stderr
 
 
 def test_cli_trains_the_reference_impl_and_will_not_resume_it_with_the_other(tiny_npz, tmp_path):
