@@ -70,6 +70,13 @@ def positive_int(text: str) -> int:
 
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     """A value in (0, 1]: a nucleus (top-p) mass."""
     value = float(text)

@@ -208,15 +208,18 @@ def test_cli_retrieve_writes_plots(tmp_path):
     out = tmp_path / "hop"
     proc = run_cli(
         "experiments.hopfield", "retrieve", "--patterns", "6", "--dim", "64", "--betas", "4",
-        "--capacity-dim", "16", "--capacity-points", "3", "--out", str(out),
+        "--capacity-dim", "16", "--capacity-points", "3", "--lookup-steps", "100", "--out", str(out),
     )
     assert proc.returncode == 0, proc.stderr
-    for name in ("retrieval_vs_beta.png", "retrieval_examples.png", "energy_trajectory.png", "capacity.png"):
+    for name in ("retrieval_vs_beta.png", "retrieval_examples.png", "energy_trajectory.png", "capacity.png",
+                 "lookup_examples.png"):
         assert (out / name).stat().st_size > 1000
     import json
 
     summary = json.loads((out / "retrieval.json").read_text())
     assert summary["retrieved"][-1] == 1.0  # largest beta retrieves every pattern
+    assert summary["layer_path"]["max_relative_gap"] < 1e-5  # the static layer is the CCCP update
+    assert summary["lookup_after_training"]["identified"] == 1.0  # the trained layer finds each pattern
 
 
 def test_cli_errors_are_one_line(tmp_path):
