@@ -609,6 +609,32 @@ def test_help_gives_every_option_a_line_and_the_homework_defaults(command):
             assert default in " ".join(options.split()), default
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_written(tiny_npz, tmp_path):
+    with pytest.raises(cnn_cli.UserError, match="--batch-size 100 is more than the 48 training images"):
+        cnn_cli.main(["--data", str(tiny_npz), "--batch-size", "100", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_is_one_line_and_mentions_resuming_only_with_checkpoints(capsys):
+    from experiments import _cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def interrupted_after_checkpoints(argv):
+        _cli.resumable_from("runs/x")
+        raise KeyboardInterrupt
+
+    for main, expected in ((interrupted, "interrupted\n"),
+                           (interrupted_after_checkpoints,
+                            "interrupted: rerun the same command to resume from the checkpoints in runs/x\n")):
+        with pytest.raises(SystemExit) as exit_info:
+            _cli.run(main, [])
+        assert exit_info.value.code == 130 and capsys.readouterr().err == expected
+    _cli._interrupted["message"] = "interrupted"
+
+
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     for args, expected in (
         (["--data", str(tmp_path / "none.npz"), "--epochs", "1"], "no such file"),
