@@ -63,6 +63,7 @@ def test_torch_decoders_agree_with_ours():
         assert word == (row[: row.index(EOS)] if EOS in row else row)
 
 
+@pytest.mark.slow
 def test_runner_prints_a_table_and_a_final_json_line(capsys):
     assert bench_run.main(["--quick", "--only", "hopfield"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

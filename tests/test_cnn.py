@@ -137,6 +137,7 @@ def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path, impl):
     assert b["acc"] == a["acc"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cnn_does_not_import_p2g():
     import subprocess
     import sys
@@ -248,6 +249,7 @@ def feeds_batch_norm(name: str) -> bool:
     return "blocks" in name and "conv" in name and "bias" in name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_jitted_bn_model_gradient_matches_central_differences(x64, impl):
     """In float64 the jitted gradient of the BN model, leaf by leaf, must give the loss's
@@ -391,6 +393,7 @@ def test_duplicates_are_counted_within_and_across_splits_and_named_by_file(tmp_p
     assert find_duplicates(load_npz(tmp_path / "clean.npz")).summary() is None
 
 
+@pytest.mark.slow
 def test_kaggle_folders(tmp_path):
     from PIL import Image
 
@@ -420,6 +423,7 @@ def test_kaggle_folders(tmp_path):
         load(tmp_path, required=("test",))
 
 
+@pytest.mark.slow
 def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys):
     common = ["--data", str(tiny_npz), "--lr", "0.05", "0.01", "--batch-size", "8", "--quiet"]
     assert cnn_cli.main([*common, "--epochs", "3", "--out", str(tmp_path / "a")]) == 0
@@ -452,6 +456,7 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
     assert 0.0 <= last["test_acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_checkpoints_of_the_wrong_kind_or_damaged_are_one_line_errors(tiny_npz, tmp_path):
     from experiments._checkpoint import Checkpoints
 
@@ -485,6 +490,7 @@ def test_cli_trains_the_hopfield_pooling_variant(tiny_npz, tmp_path):
     assert proc.returncode == 2 and "add --batch-norm" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_trains_the_reference_impl_and_will_not_resume_it_with_the_other(tiny_npz, tmp_path):
     common = ["--data", str(tiny_npz), "--batch-norm", "--batch-size", "8", "--quiet", "--out", str(tmp_path)]
     assert cnn_cli.main([*common, "--epochs", "1", "--impl", "reference"]) == 0
@@ -498,6 +504,7 @@ def test_cli_trains_the_reference_impl_and_will_not_resume_it_with_the_other(tin
 KILLS = ((2, "before"), (1, "after"), (2, "after"), (3, "before"), (1, "before"))
 
 
+@pytest.mark.slow
 def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_metrics(tiny_npz, tmp_path):
     """SIGKILL at save after save (before and after writing, between the latest and the best
     checkpoint too), each time rerunning the same command: the last rerun ends with the metrics
@@ -527,6 +534,7 @@ def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_metrics(tin
     assert full["runs"] == clean["runs"] and full["selected"] == clean["selected"]
 
 
+@pytest.mark.slow
 def test_divergence_is_reported_and_the_sweep_goes_on(tiny_npz, tmp_path, capsys):
     assert cnn_cli.main(["--data", str(tiny_npz), "--lr", "1e6", "0.01", "--epochs", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -536,6 +544,7 @@ def test_divergence_is_reported_and_the_sweep_goes_on(tiny_npz, tmp_path, capsys
     assert metrics["selected"]["lr"] == 0.01
 
 
+@pytest.mark.slow
 def test_vmapped_sweep_follows_the_sequential_runs(tiny_npz, tmp_path):
     """--vmap-sweep trains the same models as one run per lr; a diverging member is reported and
     carried along without disturbing the others; an interrupted vmapped sweep resumes."""
@@ -592,6 +601,7 @@ def test_vmapped_step_of_the_bn_variant_matches_its_members():
 
 @pytest.mark.parametrize("command", [["experiments.cnn"], ["experiments.p2g", "train"], ["experiments.p2g", "test"],
                                      ["experiments.hopfield", "verify"], ["experiments.hopfield", "retrieve"]])
+@pytest.mark.slow
 def test_help_gives_every_option_a_line_and_the_homework_defaults(command):
     import re
 
@@ -647,6 +657,7 @@ def test_cli_errors_are_one_line(tmp_path):
         assert len(lines) == 1 and expected in lines[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_two_cpu_host_devices_leave_the_cnn_on_one(tiny_npz, tmp_path):
     """With two XLA:CPU host devices present (experiments.p2g creates them), the CNN still trains
     on one device, with the one-device losses: sharding its batch would sync the gradients
@@ -671,6 +682,7 @@ def test_two_cpu_host_devices_leave_the_cnn_on_one(tiny_npz, tmp_path):
         assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_tfds_builder_matches_the_direct_reader(tmp_path):
     """The TFDS builder (manual dir: one .npz) yields the same arrays, without TensorFlow."""
     import sys
@@ -737,6 +749,7 @@ print(took, max(faults[1:]))
 """
 
 
+@pytest.mark.slow
 def test_retained_memory_is_reused_without_page_faults():
     """A large buffer freed and allocated again from a worker thread (as XLA:CPU's threads do)
     is served from memory already mapped once retain_freed_memory has run: without it glibc maps

