@@ -106,3 +106,18 @@ def _finite(value):
 def strict_json(value, **kwargs) -> str:
     """``json.dumps`` that any JSON reader accepts: NaN and infinities become ``null``."""
     return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def add_run_options(parser: argparse.ArgumentParser, kernels: str) -> None:
+    """``--impl`` (the model implementation; ``kernels`` names the xla_cpu package) and ``--quiet``."""
+    from experiments._xla import IMPL_CHOICES
+
+    parser.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
+                        help=f"reference: Flax's own layers; xla_cpu: the kernels of {kernels}; "
+                             "auto: xla_cpu on a CPU, reference on an accelerator (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+
+
+def logger(quiet: bool):
+    """``print`` with flush, or nothing with ``--quiet``."""
+    return (lambda message: None) if quiet else (lambda message: print(message, flush=True))

@@ -27,8 +27,8 @@ from cnn.model import count_params
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
 from experiments._cnn_plots import plot_confusion, plot_curves
-from experiments._xla import IMPL_CHOICES, choose_impl, cnn_retains_memory, tune_cpu
-from experiments._cli import ArgumentParser, UserError, strict_json, positive_float, positive_int, resumable_from, run
+from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
+from experiments._cli import ArgumentParser, UserError, add_run_options, logger, strict_json, positive_float, positive_int, resumable_from, run
 
 
 def run_dir(out: Path, lr: float) -> Path:
@@ -290,12 +290,9 @@ def main(argv=None) -> int:
     parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
     parser.add_argument("--vmap-sweep", action="store_true",
                         help="train all --lr values at once as one vmapped program (same batches and dropout keys)")
-    parser.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
-                        help="reference: Flax's own layers; xla_cpu: the kernels of cnn.xla_cpu; "
-                             "auto: xla_cpu on a CPU, reference on an accelerator (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    add_run_options(parser, "cnn.xla_cpu")
     args = parser.parse_args(argv)
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    log = logger(args.quiet)
     args.impl = choose_impl(args.impl, log)
     if args.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
         tune_cpu()

