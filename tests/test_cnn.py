@@ -625,8 +625,10 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_writ
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_is_one_line_and_mentions_resuming_only_with_checkpoints(capsys):
+def test_ctrl_c_is_one_line_and_mentions_resuming_only_with_checkpoints(capsys, monkeypatch):
     from experiments import _cli
+
+    monkeypatch.setitem(_cli._interrupted, "message", "interrupted")  # as a fresh process starts
 
     def interrupted(argv):
         raise KeyboardInterrupt
@@ -641,7 +643,6 @@ def test_ctrl_c_is_one_line_and_mentions_resuming_only_with_checkpoints(capsys):
         with pytest.raises(SystemExit) as exit_info:
             _cli.run(main, [])
         assert exit_info.value.code == 130 and capsys.readouterr().err == expected
-    _cli._interrupted["message"] = "interrupted"
 
 
 @pytest.mark.slow
