@@ -454,6 +454,8 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
         p2g_cli.main([*common, "--epochs", "2", "--impl", "xla_cpu", "--out", str(tmp_path / "c")])
     with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(devices\)"):  # the shard count picks dropout keys
         p2g_cli.main([*common, "--epochs", "4", "--devices", "3", "--out", str(tmp_path / "a")])
+    with pytest.raises(p2g_cli.UserError, match="not in the evaluated data: zzzz"):  # before any decoding
+        p2g_cli.main(["test", "--checkpoint", str(tmp_path / "a"), "--data-dir", str(data_dir), "--plot-attention", "zzzz"])
     capsys.readouterr()
     word = (data_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")[1]
     with (data_dir / "test.tsv").open("a", encoding="utf-8") as f:
