@@ -9,6 +9,11 @@ import numpy as np
 from experiments._plots import pyplot
 
 
+def diverged_at(history: list[dict], key: str = "train_loss") -> int | None:
+    """The first epoch whose ``key`` is missing or not finite (a diverged run), else None."""
+    return next((h["epoch"] for h in history if h[key] is None or not np.isfinite(h[key])), None)
+
+
 def plot_curves(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path]:
     """``runs``: label -> per-epoch dicts with ``train_loss`` and ``val_acc``; one figure each."""
     plt = pyplot()
@@ -21,12 +26,12 @@ def plot_curves(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path
         for label, history in runs.items():
             epochs = [h["epoch"] for h in history]
             values = [h[key] if h[key] is not None and np.isfinite(h[key]) else np.nan for h in history]
-            diverged = [e for e, v in zip(epochs, values) if np.isnan(v)]
-            if diverged:  # a run that diverged: an x at its epoch, on the axis, and said in the legend
-                label = f"{label} (diverged at epoch {diverged[0]})"
+            diverged = diverged_at(history)
+            if diverged is not None:  # a run that diverged: an x at its epoch, on the axis, and said in the legend
+                label = f"{label} (diverged at epoch {diverged})"
             (line,) = ax.plot(epochs, values, marker="o", ms=2.5, label=label)
-            if diverged:
-                ax.plot([diverged[0]], [0.0], marker="x", ms=9, mew=2, color=line.get_color(), linestyle="none",
+            if diverged is not None:
+                ax.plot([diverged], [0.0], marker="x", ms=9, mew=2, color=line.get_color(), linestyle="none",
                         transform=ax.get_xaxis_transform(), clip_on=False)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
