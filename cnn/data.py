@@ -7,7 +7,6 @@ Both sources become a :class:`Splits` of uint8 NHWC ``(n, 48, 48, 3)`` images an
 
 from __future__ import annotations
 
-import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cnn.model import IMAGE_SHAPE, NUM_CLASSES
+from common.npz import Npz, NpzError
 
 CLASS_NAMES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
 SPLITS = ("train", "val", "test")
@@ -80,27 +80,27 @@ def _check_split(path: Path, name: str, images: np.ndarray, labels: np.ndarray, 
 def load_npz(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
     """Read the homework's .npz. Splits in ``required`` must be present; others are loaded if there."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected {NPZ_FORMAT})")
     try:
-        data = np.load(path, allow_pickle=False)
-        keys = set(data.files)
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a readable .npz ({err}); expected {NPZ_FORMAT}") from None
+        data = Npz(path, NPZ_FORMAT)
+    except NpzError as err:
+        raise DataError(str(err)) from None
+    keys = set(data.files)
     splits = {}
-    for name in SPLITS:
-        wanted = {f"{name}_images", f"{name}_labels"}
-        if wanted <= keys:
-            try:  # np.load reads each array when it is first indexed
-                arrays = [data[f"{name}_{part}"] for part in ("images", "labels", "files") if f"{name}_{part}" in keys]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-                raise DataError(f"{path}: the {name} arrays cannot be read ({err}); expected {NPZ_FORMAT}") from None
-            splits[name] = _check_split(path, name, *arrays)
-        elif name in required:
-            missing = ", ".join(sorted(wanted - keys))
-            raise DataError(f"{path}: missing {missing} (found {', '.join(sorted(keys)) or 'nothing'}); expected {NPZ_FORMAT}")
-        else:
-            splits[name] = None
+    with data:
+        for name in SPLITS:
+            wanted = {f"{name}_images", f"{name}_labels"}
+            if wanted <= keys:
+                try:  # each array is read (and checked) here, not lazily later
+                    arrays = [data[f"{name}_{part}"] for part in ("images", "labels", "files") if f"{name}_{part}" in keys]
+                except NpzError as err:
+                    raise DataError(f"{path}: the {name} arrays cannot be read ({err.reason}); "
+                                    f"expected {NPZ_FORMAT}") from None
+                splits[name] = _check_split(path, name, *arrays)
+            elif name in required:
+                missing = ", ".join(sorted(wanted - keys))
+                raise DataError(f"{path}: missing {missing} (found {', '.join(sorted(keys)) or 'nothing'}); expected {NPZ_FORMAT}")
+            else:
+                splits[name] = None
     return Splits(**splits)
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -17,8 +21,28 @@ class UserError(Exception):
     """
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help line ends with its default: ``(default: none)`` where there is none,
+    ``(default: off)`` for a switch; help that already names its default is left as it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return f"{text} (default: none)"
+        if action.default is False and action.nargs == 0:
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line (``prog: error: ...``) instead of usage + error."""
+    """argparse with its errors on one line (``prog: error: ...``, a subcommand's parser naming
+    the subcommand) instead of usage + error, and every default in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -33,53 +57,151 @@ def resumable_from(directory) -> None:
     _interrupted["message"] = f"interrupted: rerun the same command to resume from the checkpoints in {directory}"
 
 
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, RuntimeError):  # a closed pipe, or a write this interrupted
+            pass
+
+
+def _end(status: int, hard: bool):
+    """Exit with ``status``; ``hard``: flush and end the process at once (``os._exit``), skipping the
+    interpreter's shutdown, where threads still running (XLA's, orbax's event loop, tqdm's
+    monitor) crashed it or printed tracebacks after the one line."""
+    if not hard:
+        sys.exit(status)
+    _flush_std_streams()
+    os._exit(status)
+
+
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C in a command-line process: the one line, then the process ends at once. Raising
+    KeyboardInterrupt instead lost it where it landed in a garbage-collection callback, and
+    unwinding through XLA and orbax crashed the interpreter's shutdown. Ending here is what a
+    kill at that moment does, which the checkpoints are made to survive."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _flush_std_streams()
+    clear = "\r\033[K" if os.isatty(2) else ""  # the line a progress bar may have left
+    os.write(2, f"{clear}{_interrupted['message']}\n".encode())
+    os._exit(130)
+
+
 def run(
     main: Callable[[Sequence[str] | None], int | None],
     argv: Sequence[str] | None = None,
     user_errors: tuple[type[Exception], ...] = (),
 ) -> None:
     """Call ``main(argv)`` and exit with its status; user errors (:class:`UserError` and the
-    library's own data errors in ``user_errors``) and Ctrl-C become one line."""
+    library's own data errors in ``user_errors``) and Ctrl-C become one line (status 2 and 130).
+
+    With ``argv`` None (the process's own command line) Ctrl-C and errors end the process without
+    the interpreter's shutdown (:func:`_on_sigint`, :func:`_end`); with an explicit ``argv`` (a
+    caller in the same process, a test) they raise ``SystemExit`` as usual."""
+    hard = argv is None
+    if hard:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         status = main(argv)
-    except (UserError, *user_errors) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:  # unreadable or unwritable paths (a file where --out wants a folder, ...)
-        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print(_interrupted["message"], file=sys.stderr)
-        sys.exit(130)
+        _end(130, hard)
+    except (UserError, *user_errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        _end(2, hard)
+    except OSError as err:  # unreadable or unwritable paths (a file where --out wants a folder, ...)
+        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        _end(2, hard)
     sys.exit(status or 0)
 
 
+def warn(message: str) -> None:
+    """A warning about the data or the run (malformed lines skipped, a checkpoint that cannot be
+    rebuilt): to stderr, also under ``--quiet``."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_json(path: str | Path, value, **kwargs) -> None:
+    """Write ``value`` as strict JSON (:func:`strict_json`) to ``path`` atomically: a temporary file
+    in the same folder, flushed to disk, then renamed over ``path``, so that a run killed while
+    writing leaves the old file or the new one, never a truncated one."""
+    path = Path(path)
+    text = strict_json(value, **kwargs)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path, what: str):
+    """The JSON value in ``path``; a missing, unreadable or malformed file is a one-line
+    :class:`UserError` naming ``what`` the file should be."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (expected {what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not readable JSON ({err}); expected {what}") from None
+
+
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
 def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    """A finite number > 0 (a learning rate, a beta)."""
+    value = _number(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (NaN refused)."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-
-
 def non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
+SEED_LIMIT = 2**32
+
+
+def seed(text: str) -> int:
+    """A PRNG seed, 0 <= seed < 2**32: what ``jax.random.key``, NumPy and Python's ``random`` all take."""
+    value = _number(text, int)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     """A value in (0, 1]: a nucleus (top-p) mass."""
-    value = float(text)
+    value = _number(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
     return value
@@ -87,7 +209,7 @@ def probability(text: str) -> float:
 
 def dropout_rate(text: str) -> float:
     """A value in [0, 1): a dropout rate (1 would drop everything and train nothing)."""
-    value = float(text)
+    value = _number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
     return value
@@ -115,7 +237,8 @@ def add_run_options(parser: argparse.ArgumentParser, kernels: str) -> None:
     parser.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
                         help=f"reference: Flax's own layers; xla_cpu: the kernels of {kernels}; "
                              "auto: xla_cpu on a CPU, reference on an accelerator (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the final JSON line (and warnings, to stderr)")
 
 
 def logger(quiet: bool):
