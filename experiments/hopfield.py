@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments._plots import pyplot
-from experiments._cli import ArgumentParser, UserError, non_negative_int, positive_float, positive_int, run, strict_json
+from common.npz import Npz, NpzError
+from experiments._cli import (ArgumentParser, UserError, non_negative_int, positive_float, positive_int, run, seed,
+                              unit_interval, warn, write_json)
 from hopfield import binary_sign, cccp_retrieve, classic_retrieve, classic_weights
 from hopfield.verify import run_checks
 
@@ -52,21 +54,33 @@ def cmd_verify(args) -> int:
 # retrieve: data
 
 
+IMAGES_FORMAT = "an .npz holding images (N, H, W[, C]) with pixel values 0..255, e.g. train_images"
+
+
 def load_image_patterns(path: Path, count: int, key: str | None) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Up to ``count`` images from an .npz (key ``key`` or the first ``*_images`` key) as rows."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (expected an .npz holding uint8 images, e.g. train_images)")
+    """The first ``count`` images of an .npz (key ``key`` or the first ``*_images`` key) as rows;
+    a file that holds fewer is a note on stderr. Unreadable files, and pixels that are not finite
+    values in 0..255, are one-line errors."""
     try:
-        data = np.load(path)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
-        raise UserError(f"{path}: not a readable .npz file ({err})") from None
-    keys = [k for k in data.files if k.endswith("_images")] if key is None else [key]
-    if not keys or keys[0] not in data.files:
-        raise UserError(f"{path}: no {'*_images' if key is None else key} array (found: {', '.join(data.files)})")
-    images = data[keys[0]]
+        with Npz(path, IMAGES_FORMAT) as data:
+            keys = [k for k in data.files if k.endswith("_images")] if key is None else [key]
+            if not keys:
+                raise UserError(f"{path}: no *_images array (found: {', '.join(data.files) or 'nothing'}); "
+                                f"pass --key or give {IMAGES_FORMAT}")
+            images = data[keys[0]]
+    except NpzError as err:
+        raise UserError(str(err)) from None
     if images.ndim < 3 or len(images) == 0:
         raise UserError(f"{path}: {keys[0]} has shape {images.shape}, expected (N, H, W[, C]) images")
+    if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise UserError(f"{path}: {keys[0]} has dtype {images.dtype}, expected pixel values 0..255")
     images = images[:count].astype(np.float64)
+    if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 255:
+        raise UserError(f"{path}: {keys[0]} holds values from {np.nanmin(images):g} to {np.nanmax(images):g}"
+                        f"{' and NaN or infinities' if not np.all(np.isfinite(images)) else ''}; "
+                        "expected pixel values 0..255")
+    if len(images) < count:
+        warn(f"note: {path} holds {len(images)} images in {keys[0]}, fewer than --patterns {count}; storing {len(images)}")
     return images.reshape(len(images), -1), images.shape[1:]
 
 
@@ -336,7 +350,7 @@ def cmd_retrieve(args) -> int:
         "lookup_after_training": lookup,
         "wall_s": time.perf_counter() - start,
     }
-    (args.out / "retrieval.json").write_text(strict_json(summary, indent=2))
+    write_json(args.out / "retrieval.json", summary, indent=2)
     print(f"wrote {', '.join(sorted(p.name for p in args.out.glob('*.png')))} and retrieval.json to {args.out}")
     return 0
 
@@ -346,20 +360,21 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="randomised float64 checks of the analytic math")
     verify.add_argument("--trials", type=positive_int, default=64, help="problems per (N, D) shape (default: %(default)s)")
-    verify.add_argument("--seed", type=int, default=0, help="seed of the random problems (default: %(default)s)")
+    verify.add_argument("--seed", type=seed, default=0, help="seed of the random problems (default: %(default)s)")
     verify.add_argument("--beta-min", type=positive_float, default=1e-2, help="smallest beta drawn (default: %(default)s)")
     verify.add_argument("--beta-max", type=positive_float, default=1e3, help="largest beta drawn (default: %(default)s)")
     retrieve = sub.add_parser("retrieve", help="store, corrupt, retrieve; write plots")
-    retrieve.add_argument("--images", type=Path, help=".npz with uint8 images (default: random patterns)")
+    retrieve.add_argument("--images", type=Path, help=".npz with images, pixel values 0..255 (default: random patterns)")
     retrieve.add_argument("--key", help="array in --images to use (default: the first *_images)")
     retrieve.add_argument("--patterns", type=positive_int, default=32, help="number of stored patterns (default: %(default)s)")
     retrieve.add_argument("--dim", type=positive_int, default=256, help="dimension of random patterns (default: %(default)s)")
-    retrieve.add_argument("--noise", type=float, default=0.3, help="std of the noise added to queries (default: %(default)s)")
+    retrieve.add_argument("--noise", type=unit_interval, default=0.3,
+                          help="std of the noise added to queries, in [0, 1] (patterns have unit RMS) (default: %(default)s)")
     retrieve.add_argument("--betas", type=positive_int, default=13, help="points in the beta sweep (default: %(default)s)")
     retrieve.add_argument("--max-steps", type=positive_int, default=50, help="CCCP updates at most (default: %(default)s)")
     retrieve.add_argument("--capacity-dim", type=positive_int, default=64, help="D of the capacity test (default: %(default)s)")
     retrieve.add_argument("--capacity-points", type=positive_int, default=12, help="N/D values, 0.05 to 1.5 (default: %(default)s)")
-    retrieve.add_argument("--seed", type=int, default=0, help="seed of patterns, masks and noise (default: %(default)s)")
+    retrieve.add_argument("--seed", type=seed, default=0, help="seed of patterns, masks and noise (default: %(default)s)")
     retrieve.add_argument("--lookup-steps", type=non_negative_int, default=1000,
                           help="Adam steps training the HopfieldLayer of the retrieval-after-training example; "
                                "0 skips it (default: %(default)s)")
@@ -367,7 +382,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)  # the checks and the demo run in float64
     if args.command == "verify" and args.beta_min > args.beta_max:
-        parser.error("--beta-min must not exceed --beta-max")
+        verify.error("--beta-min must not exceed --beta-max")
     return cmd_verify(args) if args.command == "verify" else cmd_retrieve(args)
 
 
