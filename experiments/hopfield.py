@@ -380,9 +380,9 @@ def main(argv=None) -> int:
                                "0 skips it (default: %(default)s)")
     retrieve.add_argument("--out", type=Path, default=Path("runs/hopfield"), help="results folder (default: %(default)s)")
     args = parser.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)  # the checks and the demo run in float64
     if args.command == "verify" and args.beta_min > args.beta_max:
         verify.error("--beta-min must not exceed --beta-max")
+    jax.config.update("jax_enable_x64", True)  # the checks and the demo run in float64
     return cmd_verify(args) if args.command == "verify" else cmd_retrieve(args)
 
 

@@ -49,17 +49,30 @@ def normalise(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+TSV_FORMAT = "UTF-8 lines 'phonemes separated by spaces<TAB>spelling'"
+
+
 def read_tsv(path: str | Path, report: ReadReport | None = None) -> list[Pair]:
-    """``phonemes<TAB>spelling`` lines -> pairs, NFC-normalised. Blank lines are ignored; a line
-    that is not UTF-8, has no tab, more than one tab, or an empty side is skipped and recorded in
-    ``report``. Raises :class:`DataError` for a missing file or one with no usable line."""
+    """``phonemes<TAB>spelling`` lines -> pairs, NFC-normalised. A UTF-8 byte-order mark is
+    dropped and blank lines are ignored; a line that is not UTF-8, has no tab, more than one tab,
+    or an empty side is skipped and recorded in ``report``. Raises :class:`DataError` for a
+    missing file, a UTF-16 file or NUL bytes (a binary or UTF-16 file, whose every line would be
+    skipped), and a file with no usable line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file (expected lines 'phonemes separated by spaces<TAB>spelling')")
+        raise DataError(f"{path}: no such file (expected {TSV_FORMAT})")
     report = report if report is not None else ReadReport()
     pairs = []
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise DataError(f"{path}:1: UTF-16 text (byte-order mark {raw[:2].hex(' ')}); expected {TSV_FORMAT}")
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise DataError(f"{path}:{number}: NUL byte at column {nul + 1} (a binary or UTF-16 file?); "
+                                f"expected {TSV_FORMAT}")
             try:
                 line = normalise(raw.decode("utf-8").rstrip("\n").rstrip("\r"))
             except UnicodeDecodeError as err:
@@ -78,7 +91,7 @@ def read_tsv(path: str | Path, report: ReadReport | None = None) -> list[Pair]:
                 continue
             pairs.append(Pair(phonemes, spelling))
     if not pairs:
-        raise DataError(f"{path}: no usable lines (expected 'phonemes separated by spaces<TAB>spelling')")
+        raise DataError(f"{path}: no usable lines (expected {TSV_FORMAT})")
     return pairs
 
 

@@ -1,0 +1,567 @@
+"""Faults a user or the machine can cause, each ending as one line, a note or a mended run.
+
+Ctrl-C at any moment, damaged or removed checkpoints, two runs on one folder, unreadable or
+out-of-range inputs and flags; tiny generated data throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from common.npz import Npz, NpzError
+from experiments import _cli
+from experiments._checkpoint import BestCheckpoint, CheckpointError, Checkpoints, RunCheckpoints
+from tests.conftest import ROOT, run_cli
+
+# ----------------------------------------------------------------------------------------------
+# tiny data
+
+
+def tiny_intel(n_train=32, n_val=16, n_test=16, seed=0) -> dict[str, np.ndarray]:
+    """Arrays in the homework's .npz layout, brightness encoding the class."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        labels = rng.integers(0, 6, n)
+        out[f"{name}_images"] = (rng.integers(0, 20, (n, 48, 48, 3)) + (labels * 45)[:, None, None, None]).astype(np.uint8)
+        out[f"{name}_labels"] = labels
+    return out
+
+
+@pytest.fixture
+def intel_npz(tmp_path) -> Path:
+    path = tmp_path / "intel.npz"
+    np.savez(path, **tiny_intel())
+    return path
+
+
+PHONES = {"a": "æ", "b": "b", "c": "k", "d": "d", "e": "ɛ", "o": "oʊ", "s": "s", "t": "t"}
+
+
+@pytest.fixture
+def p2g_dir(tmp_path) -> Path:
+    """train / valid / test TSVs of letter-by-letter 'pronunciations'."""
+    rng = np.random.default_rng(0)
+    words = sorted({"".join(rng.choice(list(PHONES), rng.integers(2, 7))) for _ in range(600)})[:200]
+    lines = [f"{' '.join(PHONES[c] for c in w)}\t{w}\n" for w in words]
+    folder = tmp_path / "p2g"
+    folder.mkdir()
+    for name, part in (("train", lines[:128]), ("valid", lines[128:164]), ("test", lines[164:])):
+        (folder / f"{name}.tsv").write_text("".join(part), encoding="utf-8")
+    return folder
+
+
+def one_error_line(proc: subprocess.CompletedProcess, expected: str) -> None:
+    """Exit status 2 and exactly one stderr line, ``error: ...`` containing ``expected``."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "error:" in lines[0] and expected in lines[0], proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def interrupted(args: list[str], delay: float, after_first_line: bool) -> subprocess.CompletedProcess:
+    """``python -m args`` sent SIGINT (what Ctrl-C sends) ``delay`` seconds after it started or,
+    with ``after_first_line``, after its first line of output (the command line parsed, its
+    imports done)."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline() if after_first_line else ""
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, first + out, err)
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_is_one_line_and_status_130(intel_npz, p2g_dir, tmp_path):
+    """SIGINT at several moments of each CLI (compiling, training, saving, decoding): status 130,
+    the one line on stderr, no traceback, no crash; runs it cut short resume."""
+    commands = {  # (arguments, delays, counted from the first line of output)
+        "hopfield": (["experiments.hopfield", "verify"], (2.0, 3.0, 4.0, 5.0), False),
+        "cnn": (["experiments.cnn", "--data", str(intel_npz), "--epochs", "60", "--batch-size", "16",
+                 "--out", str(tmp_path / "cnn")], (0.0, 1.0, 2.5, 4.0), True),
+        "p2g": (["experiments.p2g", "train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32",
+                 "--epochs", "60", "--out", str(tmp_path / "p2g")], (0.0, 1.5, 3.0, 5.0), True),
+    }
+    for name, (args, delays, after_first_line) in commands.items():
+        for delay in delays:
+            proc = interrupted(args, delay, after_first_line)
+            if proc.returncode == 0:  # finished first: nothing left to interrupt
+                continue
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode == 130, (name, delay, proc.returncode, proc.stderr[-2000:])
+            assert len(lines) == 1 and lines[0].startswith("interrupted"), (name, delay, proc.stderr[-2000:])
+            assert "Traceback" not in proc.stdout + proc.stderr, (name, delay)
+
+
+def test_ctrl_c_in_process_is_still_system_exit_130(capsys, monkeypatch):
+    """With an explicit argv (a caller in the same process), Ctrl-C and user errors raise
+    SystemExit instead of ending the process."""
+    monkeypatch.setitem(_cli._interrupted, "message", "interrupted")
+
+    def interrupt(argv):
+        raise KeyboardInterrupt
+
+    def mistake(argv):
+        raise _cli.UserError("bad input")
+
+    for main, code, line in ((interrupt, 130, "interrupted\n"), (mistake, 2, "error: bad input\n")):
+        with pytest.raises(SystemExit) as exit_info:
+            _cli.run(main, [])
+        assert exit_info.value.code == code and capsys.readouterr().err == line
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's Ctrl-C is left alone
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: mended, locked, refused
+
+
+STATE = jax.eval_shape(lambda: {"w": np.zeros(512, np.float32), "b": np.zeros(3, np.float32)})
+
+
+def state_of(epoch: int) -> dict:
+    return {"w": np.full(512, float(epoch), np.float32), "b": np.arange(3, dtype=np.float32) + epoch}
+
+
+def train_run(directory: Path, scores: list[float]) -> None:
+    """Epochs with these validation scores (higher is better), saved as the CLIs save them."""
+    checkpoints = RunCheckpoints(directory)
+    meta = {"history": [], "best_epoch": None}
+    best = -1.0
+    for epoch, score in enumerate(scores):
+        meta["history"].append(score)
+        improved = score > best
+        if improved:
+            best, meta["best_epoch"] = score, epoch + 1
+        checkpoints.save_epoch(epoch, state_of(epoch), meta, best=improved)
+    checkpoints.close()
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """The ways a step is found broken: garbage manifests, arrays gone, the step folder gone."""
+    import shutil
+
+    if how == "manifest":
+        for manifest in step_dir.rglob("manifest.ocdbt"):
+            manifest.write_bytes(b"garbage")
+    elif how == "arrays":
+        shutil.rmtree(step_dir / "state")
+    elif how == "removed":
+        shutil.rmtree(step_dir)
+
+
+def resume(directory: Path, notes: list[str]):
+    checkpoints = RunCheckpoints(directory)
+    try:
+        return checkpoints, checkpoints.resume(STATE, lambda meta: None, notes.append)
+    finally:
+        checkpoints.close()
+
+
+@pytest.mark.parametrize("how", ["manifest", "arrays", "removed", "folder"])
+def test_a_damaged_or_removed_best_is_rebuilt_from_ckpt(tmp_path, capfd, how):
+    """best/ (epoch 3) unreadable or gone, ckpt/ keeping epochs 3 and 4: resuming rebuilds best/
+    from ckpt/ with one note, and best/ then holds epoch 3's arrays."""
+    train_run(tmp_path, [0.1, 0.2, 0.9, 0.5])
+    if how == "folder":
+        import shutil
+
+        shutil.rmtree(tmp_path / "best")
+    else:
+        damage(tmp_path / "best" / "2", how)
+    notes = []
+    checkpoints, (state, meta) = resume(tmp_path, notes)
+    assert meta["best_epoch"] == 3 and float(state["w"][0]) == 3.0  # resumed from the newest epoch
+    assert len(notes) == 1 and "saved it there from" in notes[-1] and checkpoints.problem is None
+    with Checkpoints(tmp_path / "best", read_only=True) as best:
+        assert best.steps() == [2]
+        restored, best_meta = best.restore(STATE, 2)
+    assert float(restored["w"][0]) == 2.0 and best_meta["best_epoch"] == 3
+    assert "Traceback" not in capfd.readouterr().err  # reads left in flight after a failed one stay quiet
+    notes.clear()
+    resume(tmp_path, notes)  # mended: nothing more to say
+    assert notes == []
+
+
+def test_a_best_that_cannot_be_rebuilt_is_a_warning_and_a_named_problem(tmp_path, capsys):
+    """best/ (epoch 1) damaged and ckpt/ keeping only epochs 3 and 4: resuming goes on, says so on
+    stderr, and the run's ``problem`` names it until a later epoch is the best."""
+    train_run(tmp_path, [0.9, 0.2, 0.3, 0.4])
+    damage(tmp_path / "best" / "0", "arrays")
+    checkpoints, (state, meta) = resume(tmp_path, [])
+    assert meta["best_epoch"] == 1 and float(state["w"][0]) == 3.0
+    assert checkpoints.problem and "cannot be rebuilt" in checkpoints.problem
+    assert "warning:" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="no longer there"):  # evaluating it names the problem too
+        BestCheckpoint(tmp_path / "best").resume(STATE, lambda meta: None, print)
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.resume(STATE, lambda meta: None, print)
+    checkpoints.save_epoch(4, state_of(4), {"history": [0.9, 0.2, 0.3, 0.4, 1.0], "best_epoch": 5}, best=True)
+    assert checkpoints.problem is None
+    checkpoints.close()
+
+
+def test_evaluating_a_damaged_best_reads_the_same_epoch_from_ckpt_without_writing(tmp_path):
+    train_run(tmp_path, [0.1, 0.9, 0.5])
+    damage(tmp_path / "best" / "1", "manifest")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    notes = []
+    with BestCheckpoint(tmp_path / "best") as best:
+        step, state, meta = best.resume(STATE, lambda meta: None, notes.append)
+    assert step == 1 and float(state["w"][0]) == 1.0 and meta["best_epoch"] == 2
+    assert any("using the same epoch (2)" in note for note in notes)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unreadable_ckpt_resumes_from_best(tmp_path):
+    """Every step of ckpt/ damaged: the run resumes from best/ (the epochs after it trained
+    again) and the damaged steps are removed, so that later saves are not crowded out."""
+    train_run(tmp_path, [0.1, 0.2, 0.9, 0.5])
+    for step in (2, 3):
+        damage(tmp_path / "ckpt" / str(step), "manifest")
+    notes = []
+    _, (state, meta) = resume(tmp_path, notes)
+    assert float(state["w"][0]) == 2.0 and meta["history"] == [0.1, 0.2, 0.9]
+    assert any("resuming from" in note for note in notes)
+    with Checkpoints(tmp_path / "ckpt", read_only=True) as ckpt:
+        assert ckpt.steps() == []
+
+
+def test_a_newer_unreadable_step_is_skipped_and_removed(tmp_path):
+    train_run(tmp_path, [0.1, 0.9, 0.5])
+    damage(tmp_path / "ckpt" / "2", "arrays")
+    notes = []
+    _, (state, meta) = resume(tmp_path, notes)
+    assert float(state["w"][0]) == 1.0 and len(meta["history"]) == 2
+    assert any("step 2" in note and "skipping" in note for note in notes)
+    with Checkpoints(tmp_path / "ckpt", read_only=True) as ckpt:
+        assert ckpt.steps() == [1]
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    first = RunCheckpoints(tmp_path / "run")
+    with pytest.raises(_cli.UserError, match="another run is using"):
+        RunCheckpoints(tmp_path / "run")
+    first.close()
+    RunCheckpoints(tmp_path / "run").close()  # free again once the first has ended
+
+
+def test_ckpt_replaced_by_a_file_and_best_without_ckpt_are_one_line_errors(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ckpt").write_text("not a folder")
+    with pytest.raises(_cli.UserError, match="a file where a checkpoint folder belongs"):
+        RunCheckpoints(tmp_path / "a")
+    train_run(tmp_path / "b", [0.5])
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "ckpt")
+    checkpoints = RunCheckpoints(tmp_path / "b")
+    with pytest.raises(_cli.UserError, match="holds a checkpoint but"):
+        checkpoints.resume(STATE, lambda meta: None, print)
+    checkpoints.close()
+
+
+@pytest.mark.slow
+def test_p2g_rerun_rebuilds_a_damaged_best_and_test_then_reads_it(p2g_dir, tmp_path):
+    """The CLI path: best/ damaged after training; the rerun (more epochs) mends it and says so,
+    and p2g test reads it; with best/ removed as well, test reads the epoch from ckpt/."""
+    common = ["experiments.p2g", "train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32",
+              "--out", str(tmp_path / "run")]
+    assert run_cli(*common, "--epochs", "2", "--quiet").returncode == 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    damage(tmp_path / "run" / "best" / str(history["best_epoch"] - 1), "manifest")
+    proc = run_cli(*common, "--epochs", "3")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "saved it there from" in proc.stdout, proc.stdout
+    best = json.loads((tmp_path / "run" / "history.json").read_text())["best_epoch"]
+    assert best >= 2  # ckpt/ keeps epochs 2 and 3, so it can stand in for best/ below
+    test = ["experiments.p2g", "test", "--checkpoint", str(tmp_path / "run"), "--data-dir", str(p2g_dir), "--quiet"]
+    proc = run_cli(*test)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    assert set(json.loads(proc.stdout.splitlines()[-1])) >= {"cer", "wer"}
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "best")
+    proc = run_cli(*test[:-1])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"using the same epoch ({best})" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_out_folder(p2g_dir, tmp_path):
+    """A second training run on a folder another run is training into stops with one line and
+    leaves the first to finish as if alone."""
+    args = ["train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32", "--epochs", "6",
+            "--quiet", "--out", str(tmp_path / "run")]
+    first = subprocess.Popen([sys.executable, "-m", "experiments.p2g", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "ckpt").is_dir() and time.time() < deadline:
+        time.sleep(0.2)
+    second = run_cli("experiments.p2g", *args)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    one_error_line(second, "another run is using")
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["history"]) == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def npz_faults(folder: Path) -> dict[str, Path]:
+    """One file for each way an .npz can be unreadable."""
+    data = tiny_intel(8, 4, 4)
+    files = {}
+    files["empty"] = folder / "empty.npz"
+    files["empty"].write_bytes(b"")
+    files["npy"] = folder / "plain.npz"
+    with open(files["npy"], "wb") as f:
+        np.save(f, data["train_images"])
+    files["zlib"] = folder / "compressed.npz"
+    np.savez_compressed(files["zlib"], **data)
+    raw = bytearray(files["zlib"].read_bytes())
+    with zipfile.ZipFile(files["zlib"]) as archive:
+        info = archive.getinfo("train_images.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start + 100 : start + 400] = bytes(range(256)) + bytes(44)  # inside the deflated stream
+    files["zlib"].write_bytes(bytes(raw))
+    files["crc"] = folder / "crc.npz"
+    np.savez(files["crc"], **data)
+    raw = bytearray(files["crc"].read_bytes())
+    at = raw.index(b"train_images.npy") + 500
+    raw[at : at + 16] = bytes(16)
+    files["crc"].write_bytes(bytes(raw))
+    files["objects"] = folder / "objects.npz"
+    np.savez(files["objects"], **dict(data, train_images=np.array([None] * 8, dtype=object)))
+    return files
+
+
+def test_every_unreadable_npz_is_one_npz_error(tmp_path):
+    for kind, path in npz_faults(tmp_path).items():
+        with pytest.raises(NpzError) as info:
+            with Npz(path, "EXPECTED") as data:
+                for name in data.files:
+                    data[name]
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and message.endswith("EXPECTED"), (kind, message)
+
+
+def test_cnn_and_hopfield_loaders_turn_npz_faults_into_their_one_line_errors(tmp_path):
+    from cnn.data import DataError, load_npz
+    from experiments.hopfield import load_image_patterns
+
+    for kind, path in npz_faults(tmp_path).items():
+        with pytest.raises(DataError):
+            load_npz(path)
+        with pytest.raises(_cli.UserError):
+            load_image_patterns(path, 4, None)
+
+
+def test_hopfield_images_must_be_finite_pixels_and_fewer_than_asked_is_a_note(tmp_path, capsys):
+    from experiments.hopfield import load_image_patterns
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3)).astype(np.float32)
+    for name, bad in (("nan", np.where(images > 250, np.nan, images)), ("range", images * 2.0),
+                      ("negative", images - 10.0)):
+        np.savez(tmp_path / f"{name}.npz", train_images=bad)
+        with pytest.raises(_cli.UserError, match="expected pixel values 0..255"):
+            load_image_patterns(tmp_path / f"{name}.npz", 5, None)
+    np.savez(tmp_path / "ok.npz", train_images=images)
+    rows, shape = load_image_patterns(tmp_path / "ok.npz", 32, None)
+    assert rows.shape == (5, 48) and shape == (4, 4, 3)
+    assert "holds 5 images in train_images, fewer than --patterns 32" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_input_faults_are_one_line(intel_npz, tmp_path):
+    files = npz_faults(tmp_path)
+    cases = [(["experiments.cnn", "--data", str(path), "--epochs", "1", "--out", str(tmp_path / "o")], "expected an .npz")
+             for path in files.values()]
+    cases += [(["experiments.hopfield", "retrieve", "--images", str(files[kind]), "--out", str(tmp_path / "h")],
+               "cannot be read") for kind in ("crc", "objects")]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text('{"selected": {"lr": 0.0')  # cut short while written
+    cases.append((["experiments.cnn", "--evaluate", str(tmp_path / "run"), "--data", str(intel_npz)], "not readable JSON"))
+    (tmp_path / "ckpt_file" / "lr_0.01").mkdir(parents=True)
+    (tmp_path / "ckpt_file" / "lr_0.01" / "ckpt").write_text("")
+    cases.append((["experiments.cnn", "--data", str(intel_npz), "--epochs", "1", "--batch-size", "16", "--out",
+                   str(tmp_path / "ckpt_file")], "a file where a checkpoint folder belongs"))
+    for args, expected in cases:
+        proc = run_cli(*args)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr)
+        one_error_line(proc, expected)
+
+
+def test_p2g_tsv_with_bom_is_read_and_utf16_or_nul_is_one_line(tmp_path):
+    from p2g.data import DataError, read_tsv
+
+    (tmp_path / "bom.tsv").write_bytes("\ufeffk æ t\tcat\nd ɔ g\tdog\n".encode("utf-8"))
+    assert [p.spelling for p in read_tsv(tmp_path / "bom.tsv")] == ["cat", "dog"]
+    assert read_tsv(tmp_path / "bom.tsv")[0].phonemes == ("k", "æ", "t")  # the mark is not a phoneme
+    (tmp_path / "le.tsv").write_bytes("k æ t\tcat\n".encode("utf-16"))
+    (tmp_path / "be.tsv").write_bytes("k æ t\tcat\n".encode("utf-16-be"))
+    (tmp_path / "nul.tsv").write_bytes(b"k a t\tcat\nd o\x00g\tdog\n")
+    for name, where in (("le", ":1: UTF-16"), ("be", ":1: NUL byte"), ("nul", ":2: NUL byte")):
+        with pytest.raises(DataError, match=where) as info:
+            read_tsv(tmp_path / f"{name}.tsv")
+        assert "\n" not in str(info.value)
+
+
+def test_plot_file_names_are_short_and_distinct():
+    from experiments.p2g import plot_name
+
+    taken = set()
+    long = plot_name("é" * 300, taken)
+    assert len(f"attention_{long}.png".encode()) < 255
+    assert plot_name("a-b", taken) == "a_b" and plot_name("a b", taken) != "a_b"
+    assert plot_name("cat", set()) == "cat"
+
+
+# ----------------------------------------------------------------------------------------------
+# flags and outputs
+
+
+def parse_error(main, argv: list[str], capsys) -> str:
+    """The one stderr line of a flag error (exit status 2), parsed before any work."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["verify", "--seed", "-1"], "verify: error: argument --seed"),
+    (["verify", "--seed", str(2**32)], "verify: error: argument --seed"),
+    (["verify", "--beta-max", "inf"], "verify: error: argument --beta-max"),
+    (["verify", "--beta-min", "10", "--beta-max", "1"], "verify: error: --beta-min"),
+    (["retrieve", "--noise", "1.5"], "retrieve: error: argument --noise"),
+    (["retrieve", "--noise", "nan"], "retrieve: error: argument --noise"),
+    (["retrieve", "--seed", "x"], "retrieve: error: argument --seed"),
+])
+def test_hopfield_flag_errors(argv, expected, capsys):
+    from experiments import hopfield
+
+    assert expected in parse_error(hopfield.main, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lr", "0.01", "1e-2"], "the same learning rate twice"),
+    (["--lr", "inf"], "argument --lr"),
+    (["--seed", "-1"], "argument --seed"),
+    (["--seed", "99999999999"], "argument --seed"),
+])
+def test_cnn_flag_errors(argv, expected, capsys):
+    from experiments import cnn
+
+    assert expected in parse_error(cnn.main, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["test", "--checkpoint", "x", "--k", "2"], "test: error: --k"),
+    (["test", "--checkpoint", "x", "--topp", "0.5", "--examples", "-1"], "test: error: argument --examples"),
+    (["test", "--checkpoint", "x", "--data-dir", "d", "--test-file", "f"], "test: error: argument --test-file"),
+    (["test", "--checkpoint", "x", "--seed", "-1"], "test: error: argument --seed"),
+    (["train", "--seed", str(2**40)], "train: error: argument --seed"),
+    (["train", "--hidden", "15"], "train: error: --hidden"),
+    (["train", "--hopfield-steps", "2"], "train: error: --hopfield-steps"),
+])
+def test_p2g_flag_errors_name_the_subcommand(argv, expected, capsys):
+    from experiments import p2g
+
+    assert expected in parse_error(p2g.main, argv, capsys)
+
+
+def test_plot_attention_words_are_nfc_like_the_data(monkeypatch):
+    from experiments import p2g
+
+    seen = {}
+    monkeypatch.setattr(p2g, "cmd_test", lambda args, log: seen.setdefault("words", args.plot_attention) and 0)
+    p2g.main(["test", "--checkpoint", "x", "--quiet", "--plot-attention", "cafe\u0301"])
+    assert seen["words"] == ["caf\u00e9"]
+
+
+def option_lines(main, argv: list[str], capsys) -> dict[str, str]:
+    """Each option of ``main(argv + ['--help'])`` -> its help text."""
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = capsys.readouterr().out
+    options, current = {}, None
+    for line in text.split("options:")[1].splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):  # an option; its help goes on, further indented, below
+            current = stripped.split()[0].rstrip(",")
+            options[current] = stripped
+        elif current:
+            options[current] += " " + stripped
+    return options
+
+
+@pytest.mark.parametrize("module, argv", [("cnn", []), ("p2g", ["train"]), ("p2g", ["test"]),
+                                          ("hopfield", ["verify"]), ("hopfield", ["retrieve"])])
+def test_help_gives_every_option_a_default(module, argv, capsys):
+    import importlib
+
+    main = importlib.import_module(f"experiments.{module}").main
+    for option, text in option_lines(main, argv, capsys).items():
+        if option not in ("-h",):
+            assert "default" in text, (option, text)
+
+
+def test_number_flag_types():
+    for kind, good, bad in ((_cli.seed, ["0", str(2**32 - 1)], ["-1", str(2**32), "1.5", "x"]),
+                            (_cli.positive_float, ["1e-3", "5"], ["0", "-1", "inf", "nan", "x"]),
+                            (_cli.unit_interval, ["0", "1", "0.3"], ["-0.1", "1.01", "nan", "inf"])):
+        for text in good:
+            kind(text)
+        for text in bad:
+            with pytest.raises(argparse.ArgumentTypeError):
+                kind(text)
+
+
+def test_json_results_are_written_atomically_and_read_with_one_line_errors(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    _cli.write_json(path, {"a": float("nan"), "b": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1, 2]}
+
+    def interrupted_rename(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        _cli.write_json(path, {"a": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"a": None, "b": [1, 2]}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left
+    path.write_text('{"a": 1, "b"')
+    with pytest.raises(_cli.UserError, match="not readable JSON") as info:
+        _cli.read_json(path, "a metrics file")
+    assert "\n" not in str(info.value)
+
+
+def test_warnings_reach_stderr_under_quiet(p2g_dir, capsys):
+    """The malformed-line report of the data evaluated goes to stderr, --quiet or not."""
+    from experiments.p2g import test_pairs
+
+    with (p2g_dir / "test.tsv").open("a", encoding="utf-8") as f:
+        f.write("no tab here\n")
+    args = argparse.Namespace(test_file=p2g_dir / "test.tsv", data_dir=None)
+    pairs, _ = test_pairs(args, {"data": "x"}, _cli.logger(True))
+    captured = capsys.readouterr()
+    assert captured.out == "" and "skipped 1 malformed line(s)" in captured.err and "no tab" in captured.err
