@@ -6,9 +6,9 @@ import argparse
 import json
 import math
 import os
+import secrets
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -47,6 +47,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but arguments that no parser knows are reported by the subcommand's
+        parser (``prog train: error: unrecognized arguments: ...``) where one was chosen."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
+                    parser = action.choices[getattr(parsed, action.dest)]
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 # What Ctrl-C prints: a training command that has written checkpoints says how to resume.
 _interrupted = {"message": "interrupted"}
@@ -82,8 +94,11 @@ def _on_sigint(signum, frame) -> None:
     kill at that moment does, which the checkpoints are made to survive."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _flush_std_streams()
-    clear = "\r\033[K" if os.isatty(2) else ""  # the line a progress bar may have left
-    os.write(2, f"{clear}{_interrupted['message']}\n".encode())
+    try:
+        clear = "\r\033[K" if os.isatty(2) else ""  # the line a progress bar may have left
+        os.write(2, f"{clear}{_interrupted['message']}\n".encode())
+    except OSError:  # stderr closed: the status says it
+        pass
     os._exit(130)
 
 
@@ -127,15 +142,15 @@ def write_json(path: str | Path, value, **kwargs) -> None:
     writing leaves the old file or the new one, never a truncated one."""
     path = Path(path)
     text = strict_json(value, **kwargs)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # the umask's mode, unlike mkstemp
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

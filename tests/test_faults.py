@@ -481,6 +481,7 @@ def test_cnn_flag_errors(argv, expected, capsys):
     (["train", "--seed", str(2**40)], "train: error: argument --seed"),
     (["train", "--hidden", "15"], "train: error: --hidden"),
     (["train", "--hopfield-steps", "2"], "train: error: --hopfield-steps"),
+    (["train", "--bogus", "1"], "train: error: unrecognized arguments: --bogus 1"),
 ])
 def test_p2g_flag_errors_name_the_subcommand(argv, expected, capsys):
     from experiments import p2g
