@@ -26,13 +26,22 @@ from experiments._cli import UserError, warn
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at INFO
 
 
-def _ignore_reads_left_in_flight() -> None:
-    """After a read fails, tensorstore still completes the other reads of that restore and hands
-    each result to the event loop orbax ran it in, which orbax has closed by then: every one
-    printed an "Event loop is closed" traceback (through ``sys.unraisablehook``) after the one
-    line that reports the damaged step. Those, and only those, are dropped from then on."""
+class _FailedReadLeftovers(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for the reads of a restore that failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+def _quiet_failed_reads() -> None:
+    """When one array of a restore cannot be read, orbax gives up and closes the event loop it ran
+    the restore in, while tensorstore is still completing the other reads: each of them then
+    printed an "Event loop is closed" traceback (through ``sys.unraisablehook``, from tensorstore's
+    threads, at any moment after) or an asyncio "Task exception was never retrieved" log, after
+    the one line that reports the damaged step. Those, and only those, are dropped; installed
+    before the first read because they can come before the failure reaches the caller."""
     previous = sys.unraisablehook
-    if getattr(previous, "ignores_closed_loop", False):
+    if getattr(previous, "drops_closed_loop_callbacks", False):
         return
 
     def hook(unraisable) -> None:
@@ -42,8 +51,11 @@ def _ignore_reads_left_in_flight() -> None:
             return
         previous(unraisable)
 
-    hook.ignores_closed_loop = True
+    hook.drops_closed_loop_callbacks = True
     sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReadLeftovers) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_FailedReadLeftovers())
 
 
 class CheckpointError(UserError):
@@ -60,6 +72,7 @@ class Checkpoints:
         if self.directory.exists() and not self.directory.is_dir():
             raise UserError(f"{self.directory}: a file where a checkpoint folder belongs "
                             "(expected a folder of numbered orbax steps); move it away or choose another --out")
+        _quiet_failed_reads()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
@@ -106,7 +119,6 @@ class Checkpoints:
         try:
             return self.restore(abstract_state, step)
         except Exception:  # noqa: BLE001 - orbax reports damaged files with many exception types
-            _ignore_reads_left_in_flight()
             return None
 
     def delete(self, step: int) -> None:
@@ -148,7 +160,6 @@ class Checkpoints:
         raise self._none_readable()
 
     def _skip(self, step: int, err: Exception, log: Callable[[str], None]) -> None:
-        _ignore_reads_left_in_flight()
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         log(f"note: checkpoint step {step} in {self.directory} cannot be read ({reason}); skipping it")
 
@@ -220,7 +231,14 @@ class BestCheckpoint:
 
 def _lock(directory: Path):
     """An exclusive, non-blocking ``flock`` on ``directory/.lock``, held while the returned file is
-    open (the system releases it when the process ends, however it ends)."""
+    open (the system releases it when the process ends, however it ends). In a multi-process run
+    process 0 holds it for all (the others get a handle that holds nothing)."""
+    import os
+
+    import jax
+
+    if jax.process_index() != 0:
+        return open(os.devnull, "a")
     handle = open(directory / ".lock", "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

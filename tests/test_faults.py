@@ -165,6 +165,12 @@ def damage(step_dir: Path, how: str) -> None:
         shutil.rmtree(step_dir)
 
 
+def saved_meta(directory: Path) -> dict:
+    """The meta of a run's newest epoch (whatever summary files the CLI writes beside it)."""
+    with Checkpoints(directory / "ckpt", read_only=True) as ckpt:
+        return ckpt.read_meta()
+
+
 def resume(directory: Path, notes: list[str]):
     checkpoints = RunCheckpoints(directory)
     try:
@@ -283,12 +289,11 @@ def test_p2g_rerun_rebuilds_a_damaged_best_and_test_then_reads_it(p2g_dir, tmp_p
     common = ["experiments.p2g", "train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32",
               "--out", str(tmp_path / "run")]
     assert run_cli(*common, "--epochs", "2", "--quiet").returncode == 0
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
-    damage(tmp_path / "run" / "best" / str(history["best_epoch"] - 1), "manifest")
+    damage(tmp_path / "run" / "best" / str(saved_meta(tmp_path / "run")["best_epoch"] - 1), "manifest")
     proc = run_cli(*common, "--epochs", "3")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "saved it there from" in proc.stdout, proc.stdout
-    best = json.loads((tmp_path / "run" / "history.json").read_text())["best_epoch"]
+    best = saved_meta(tmp_path / "run")["best_epoch"]
     assert best >= 2  # ckpt/ keeps epochs 2 and 3, so it can stand in for best/ below
     test = ["experiments.p2g", "test", "--checkpoint", str(tmp_path / "run"), "--data-dir", str(p2g_dir), "--quiet"]
     proc = run_cli(*test)
@@ -317,7 +322,7 @@ def test_two_runs_on_one_out_folder(p2g_dir, tmp_path):
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     one_error_line(second, "another run is using")
-    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["history"]) == 6
+    assert len(saved_meta(tmp_path / "run")["history"]) == 6
 
 
 # ----------------------------------------------------------------------------------------------
