@@ -92,7 +92,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(intel_npz, p2g_dir, tmp
     """SIGINT at several moments of each CLI (compiling, training, saving, decoding): status 130,
     the one line on stderr, no traceback, no crash; runs it cut short resume."""
     commands = {  # (arguments, delays, counted from the first line of output)
-        "hopfield": (["experiments.hopfield", "verify"], (2.0, 3.0, 4.0, 5.0), False),
+        "hopfield": (["experiments.hopfield", "verify"], (2.5, 3.5, 4.5, 5.5), False),
         "cnn": (["experiments.cnn", "--data", str(intel_npz), "--epochs", "60", "--batch-size", "16",
                  "--out", str(tmp_path / "cnn")], (0.0, 1.0, 2.5, 4.0), True),
         "p2g": (["experiments.p2g", "train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32",
