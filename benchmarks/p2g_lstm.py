@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from p2g.train import Layout, Trainer
+    from p2g.train import Trainer
 
     B, S, T = args.batch_size, args.src_len, args.tgt_len
     rng = np.random.default_rng(0)
@@ -36,13 +36,13 @@ def main(argv=None) -> None:
     src = np.where(np.arange(S)[None] < src_len[:, None], rng.integers(4, 40, (B, S)), 0).astype(np.int32)
     tgt_in, tgt_out = (np.where(np.arange(T)[None] < tgt_len[:, None], rng.integers(4, 30, (B, T)), 0).astype(np.int32)
                        for _ in range(2))
-    batch = jnp.asarray(np.concatenate([src.ravel(), src_len, tgt_in.ravel(), tgt_out.ravel()]).astype(np.int32))
-    layout = Layout(B, (S, T))
-    key, tokens = jax.random.key(0), float(tgt_len.sum())
+    batch = {"src": jnp.asarray(src), "src_len": jnp.asarray(src_len), "tgt_in": jnp.asarray(tgt_in),
+             "tgt_out": jnp.asarray(tgt_out)}
+    key = jax.random.key(0)
 
     def gradient(impl, dropout):
         trainer = Trainer(45, 32, attention=args.attn, dropout=dropout, impl=impl)
-        grad = jax.jit(lambda p, k: jax.value_and_grad(trainer._loss)(p, batch, layout, k, tokens))
+        grad = jax.jit(lambda p, k: jax.value_and_grad(trainer._loss)(p, batch, k))
         params = trainer.init_state().params
         jax.block_until_ready(grad(params, key))
         return grad, params

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._xla import choose_impl, cnn_retains_memory, data_parallel_devices, request_cpu_devices, tune_cpu
+from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
 
 try:
     import torch
@@ -189,7 +189,7 @@ def p2g_pairs(quick: bool):
 
 
 def p2g_rows(quick: bool, devices: int | None = None, impl: str = "reference", suffix: str = "",
-             decoding: bool = True) -> list[Row]:
+             decoding: bool = True, bucket: int = 16) -> list[Row]:
     """The training epoch rows of ``impl`` and, with ``decoding``, the decoding rows."""
     from flax import nnx
 
@@ -210,10 +210,10 @@ def p2g_rows(quick: bool, devices: int | None = None, impl: str = "reference", s
         return t(data.src[index, :S]), t(data.src_len[index]), t(data.tgt_in[index, :T]), t(data.tgt_out[index, :T])
 
     for attention in (False, True):
-        trainer = Trainer(len(src_vocab), len(tgt_vocab), attention=attention, devices=data_parallel_devices(devices),
-                          impl=impl)
+        trainer = Trainer(len(src_vocab), len(tgt_vocab), attention=attention,
+                          devices=None if devices is None else jax.devices()[:devices], impl=impl, bucket=bucket)
         state = [trainer.init_state()]
-        batches = trainer.epoch_batches(len(train), 0)
+        batches = trainer.epoch_batches(train, 0)
         flops = 0.0
         for index in batches:
             S, T = batch_widths(train, index, multiple=1)
@@ -239,7 +239,8 @@ def p2g_rows(quick: bool, devices: int | None = None, impl: str = "reference", s
             trained[attention] = (trainer, state, None)
         name = "attn" if attention else "noattn"
         rows.append(Row(f"p2g_epoch_{name}{suffix}", "s/epoch", 1, ours, theirs, flops, per_call=True,
-                        note=f"{len(train)} words ({source}), batch 64 over {len(trainer.devices)} device(s)"))
+                        note=f"{len(train)} words ({source}), batch 64 over {trainer.mesh.size} device(s), "
+                             f"length buckets of {bucket} batches"))
     if not decoding:
         return rows
 
@@ -248,8 +249,8 @@ def p2g_rows(quick: bool, devices: int | None = None, impl: str = "reference", s
     trainer, state, _ = trained[True]
     n = len(valid)
     max_len = 20 if quick else 50
-    tokens = np.asarray(trainer._decode(state[0].params, valid.src, valid.src_len, jax.random.key(0),
-                                        max_len=max_len, top_p=None).tokens)
+    tokens = np.asarray(trainer._decode(state[0].params, valid.src, valid.src_len,
+                                        jax.random.key_data(jax.random.key(0)), max_len=max_len, top_p=None).tokens)
     generated = int(np.sum(tokens != PAD))
     S_mean = float(valid.src_len.mean())
     step_flops = 2 * 4 * H * 2 * H + 2 * H * V + 2 * H * H + S_mean * 4 * H + 2 * 2 * H * H
@@ -324,15 +325,15 @@ def setup_process(group: str, args, batch: int | None = None, impl: str = "refer
     """Set this process up as the command-line tool of ``group`` sets itself up, before the first
     computation: ``experiments.cnn`` with the ``xla_cpu`` implementation tunes XLA:CPU, and the C
     allocator from batch 32 on (experiments/_xla.py), ``experiments.p2g`` asks for two host
-    devices; otherwise XLA's defaults. Why a process per group, and per batch size and
+    host devices where --p2g-devices asks for them; otherwise XLA's defaults. Why a process per group, and per batch size and
     implementation for the CNN: the settings last as long as the process, and the allocator
     setting (one malloc arena) slows the P2G step and the CNN's steps at batch 8
     (docs/performance.md)."""
     if group == "cnn" and impl == "xla_cpu" and not args.xla_defaults:
         tune_cpu()
         cnn_retains_memory(batch)
-    if group == "p2g":
-        request_cpu_devices(args.p2g_devices)
+    if group == "p2g" and args.p2g_devices:
+        jax.config.update("jax_num_cpu_devices", args.p2g_devices)
 
 
 def run_group(process: str, args, out: Path) -> None:

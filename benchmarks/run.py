@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                         help="leave XLA's CPU defaults and the C allocator alone for the CNN rows "
                              "(otherwise the settings of experiments/_xla.py, as experiments.cnn)")
     parser.add_argument("--p2g-devices", type=int, metavar="N",
-                        help="devices a P2G training batch is split over (default: as experiments.p2g: 2 on a CPU)")
+                        help="devices a P2G training batch is split over (default: as experiments.p2g: 1 on a CPU)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.p2g_rounds < 1 or (args.p2g_devices is not None and args.p2g_devices < 1):
         parser.error("--rounds, --p2g-rounds and --p2g-devices must be at least 1")

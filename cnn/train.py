@@ -1,20 +1,17 @@
 """Pure, jit-compiled training and evaluation of :class:`cnn.model.CNN` with optax SGD.
 
 The model is split once into a static graph and two array pytrees, ``params`` (``nnx.Param``)
-and ``stats`` (``nnx.BatchStat``); every step is a pure function of ``TrainState`` arrays,
-jit-compiled once, with the data resident on the device and the batch gathered inside the step:
+and ``stats`` (``nnx.BatchStat``); a training step is one jitted pure function of
+(``TrainState``, global batch, epoch) over a batch sharded along the ``data`` mesh axis
+(:mod:`common.parallel`; parameters replicated, BatchNorm statistics over the global batch):
 
-    for each batch b:   (loss, stats'), g = value_and_grad(NLL(log_softmax(f(params, stats, x_b)), y_b))
-                        params <- params - lr * g                     (optax.sgd)
+    (loss, stats'), g = value_and_grad(NLL(log_softmax(f(params, stats, x_b)), y_b))
+    params <- params - lr * g                    (optax.sgd, lr injected: a leaf of the state)
 
-Why one jitted call per step and not a ``lax.scan`` over the epoch: on XLA:CPU a conv training
-step inside a while loop ran 6.5x slower (39 vs 263 images/s, baseline, batch 8, 2 cores;
-``python -m benchmarks.cnn_step``, docs/performance.md), while the per-call dispatch costs well under 1% of a 30 ms step.
-
-Batches are drawn from a per-epoch permutation seeded by (seed, epoch) and dropout keys by
-(seed, epoch, step), so a run resumed from an epoch checkpoint repeats exactly what an
-uninterrupted one would have done. The batch axis is sharded over the devices (data parallelism
-through ``jax.sharding``, :func:`default_devices`); parameters are replicated.
+Why one jitted call per step and not a ``lax.scan`` over the epoch: on XLA:CPU a convolutional
+step inside a while loop loses XLA's fast paths (docs/performance.md). Batches and dropout keys
+are functions of (seed, epoch, step) (:mod:`common.batching`), so a resumed run, or one split over
+any number of devices or processes, repeats an uninterrupted one-device run.
 """
 
 from __future__ import annotations
@@ -27,42 +24,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cnn.model import CNN, NUM_CLASSES
+from common.batching import epoch_batches, epoch_key, step_key
+from common.parallel import batch_sharding, data_mesh, default_devices, in_process_collectives, global_batch, put_replicated, replicated, to_host
 
 
 def donated_state(devices) -> tuple[int, ...]:
     """``donate_argnums`` for the jitted steps: the state (argument 0) on accelerators, nothing on
-    a CPU. Donating the state lets XLA write the new parameters over the old ones, but there
-    XLA:CPU copied the baseline's 19 MB ``fc1`` kernel every step (a ``copy`` of it in the
-    compiled step, gone without donation): the baseline CNN's step took 19.7 ms at batch 8 donated and
-    17.2 without, 93.3 and 86.9 ms at batch 64; the BN variant's did not move
-    (docs/performance.md, item 16)."""
+    a CPU, where XLA:CPU copied the baseline's 19 MB ``fc1`` kernel every step when it was donated
+    (docs/performance.md)."""
     return () if devices[0].platform == "cpu" else (0,)
-
-
-def default_devices() -> list:
-    """All local accelerators; on a CPU, one device. XLA:CPU host devices (which
-    :mod:`experiments.p2g` creates to use two cores) would sync this step's gradient through
-    XLA:CPU's in-process all-reduce, which deadlocked here (docs/performance.md)."""
-    devices = jax.local_devices()
-    return devices if devices[0].platform != "cpu" else devices[:1]
 
 
 class TrainState(NamedTuple):
     params: Any  # nnx.State of nnx.Param
     stats: Any  # nnx.State of nnx.BatchStat (empty for the baseline)
-    opt_state: Any  # optax state
+    opt_state: Any  # optax.inject_hyperparams(sgd) state: the learning rate is a leaf
     step: jax.Array  # () int32, steps taken since the start of training
 
 
 def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood: -1/B sum_b log p(y_b | x_b). ``(B, C), (B,) -> ()``."""
+    """Mean negative log-likelihood: -1/B sum_b log p(y_b | x_b). ``(B, C), (B,) -> ()``.
+    The model outputs log-probabilities, so this is optax's softmax cross-entropy of them (the
+    log-softmax of a log-softmax is itself)."""
     chex.assert_rank(log_probs, 2)
     chex.assert_rank(labels, 1)
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(log_probs, labels))
 
 
 def pixels(images_u8: jax.Array) -> jax.Array:
@@ -71,7 +59,11 @@ def pixels(images_u8: jax.Array) -> jax.Array:
 
 
 class Trainer:
-    """Holds what is static for a run (graphs, optimiser, mesh) and the jitted pure functions."""
+    """Holds what is static for a run (graphs, optimiser, mesh) and the jitted pure functions.
+
+    ``devices``: the devices a batch is split over (default :func:`default_devices`);
+    ``batch_size`` must be a multiple of their number (``ValueError`` otherwise).
+    """
 
     def __init__(self, batch_norm: bool, lr: float, batch_size: int, seed: int = 0, devices=None,
                  impl: str = "reference", pool: str = "average"):
@@ -79,10 +71,10 @@ class Trainer:
         if batch_size % len(devices):
             raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} devices")
         self.batch_norm, self.lr, self.batch_size, self.seed, self.impl = batch_norm, lr, batch_size, seed, impl
-        self.mesh = Mesh(np.array(devices), ("data",))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        self.tx = optax.sgd(lr)
+        self.mesh = data_mesh(devices)
+        self.replicated, self.batch_sharding = replicated(self.mesh), batch_sharding(self.mesh)
+        self.wait_each_step = in_process_collectives(self.mesh)  # one step in flight (common.parallel)
+        self.tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
         model = CNN(batch_norm, rngs=nnx.Rngs(params=seed), impl=impl, pool=pool)
         model.train()
         self.train_graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -90,8 +82,8 @@ class Trainer:
         self.eval_graph, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
         self._init = (params, stats)
         self.donate = donated_state(devices)  # the jitted steps' donate_argnums, SweepTrainer's too
-        self._train_step = jax.jit(self._train_step_impl, donate_argnums=self.donate)
-        self._evaluate = jax.jit(self._evaluate_impl, static_argnames="batch")
+        self._train_step = jax.jit(self.train_step, donate_argnums=self.donate, out_shardings=self.replicated)
+        self._evaluate = jax.jit(self._evaluate_impl, static_argnames="batch", out_shardings=self.replicated)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -101,7 +93,10 @@ class Trainer:
         return jax.device_put(state, self.replicated)
 
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(self.init_state)
+        """Shapes, dtypes and shardings of the state (what orbax restores into, on this run's mesh,
+        whatever mesh wrote the checkpoint)."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                            jax.eval_shape(self.init_state))
 
     def model(self, state: TrainState, train: bool = False) -> CNN:
         """A live NNX model holding ``state``'s arrays (eval mode unless ``train``)."""
@@ -114,54 +109,46 @@ class Trainer:
         log_probs = model(pixels(images), rngs=nnx.Rngs(dropout=key))
         return nll_loss(log_probs, labels), nnx.state(model, nnx.BatchStat)
 
-    def _train_step_impl(self, state: TrainState, images, labels, index, epoch_key, lr=None):
-        """One SGD step on the rows ``index`` (B,) of the resident data -> (state, loss).
-        ``lr`` (a traced scalar) overrides the trainer's learning rate (:class:`SweepTrainer`)."""
-        x = jax.lax.with_sharding_constraint(images[index], self.batch_sharding)
-        y = jax.lax.with_sharding_constraint(labels[index], self.batch_sharding)
-        key = jax.random.fold_in(epoch_key, state.step)
-        (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, state.stats, x, y, key)
-        tx = self.tx if lr is None else optax.sgd(lr)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    def train_step(self, state: TrainState, batch: dict, epoch) -> tuple[TrainState, jax.Array]:
+        """One SGD step (pure; jitted as ``_train_step``) on ``batch`` (``images`` (B,48,48,3)
+        uint8, ``labels`` (B,)) of ``epoch`` (a () int32) -> (state, loss)."""
+        key = step_key(epoch_key(self.seed, epoch), state.step)
+        (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            state.params, state.stats, batch["images"], batch["labels"], key)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, stats, opt_state, state.step + 1), loss
 
     def epoch_batches(self, n: int, epoch: int) -> np.ndarray:
-        """(ceil(n / B), B) example indices for ``epoch``: a seeded permutation, the last batch
-        completed with the permutation's first examples (every example is seen at least once)."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-        steps = -(-n // self.batch_size)
-        return np.concatenate([perm, perm[: steps * self.batch_size - n]]).reshape(steps, self.batch_size)
-
-    def epoch_key(self, epoch: int) -> jax.Array:
-        return jax.random.fold_in(jax.random.key(self.seed), epoch)
+        """(ceil(n / B), B) example indices of ``epoch`` (:func:`common.batching.epoch_batches`)."""
+        return epoch_batches(n, self.batch_size, self.seed, epoch)
 
     def train_epoch(self, state, images, labels, epoch: int, progress=None):
-        """One epoch of jitted steps; returns (state, mean training loss over its batches).
-
-        ``images``/``labels`` should already be on the device (:meth:`put`). ``progress`` is
-        called with 1 after each step. Losses stay on the device until the epoch ends, so the
-        host never waits on a step.
-        """
+        """One epoch of jitted steps on host arrays ``images`` (N,48,48,3) uint8 and ``labels`` (N,);
+        returns (state, mean training loss over its batches). ``progress`` is called with 1 after
+        each step. Losses stay on the devices until the epoch ends, so the host never waits on a step."""
         state, losses = self.run_epoch(self._train_step, state, images, labels, epoch, progress)
         return state, float(losses)
 
-    def run_epoch(self, step, state, images, labels, epoch: int, progress=None, *extra):
-        """Call ``step(state, images, labels, index, epoch_key, *extra) -> (state, loss)`` on
-        each batch of ``epoch``; returns (state, the mean of the losses over the batches)."""
-        batches = self.epoch_batches(len(labels), epoch).astype(np.int32)
-        key = self.epoch_key(epoch)
+    def run_epoch(self, step, state, images, labels, epoch: int, progress=None):
+        """Call ``step(state, batch, epoch) -> (state, loss)`` on each global batch of ``epoch``;
+        returns (state, the mean of the losses over the batches, as a host array)."""
+        images, labels = to_host(images), to_host(labels).astype(np.int32)
+        epoch_ = put_replicated(self.mesh, np.int32(epoch))
         losses = []
-        for index in batches:
-            state, loss = step(state, images, labels, index, key, *extra)
+        for index in self.epoch_batches(len(labels), epoch):
+            batch = global_batch(self.batch_sharding, {"images": images[index], "labels": labels[index]})
+            state, loss = step(state, batch, epoch_)
+            if self.wait_each_step:
+                loss.block_until_ready()
             losses.append(loss)
             if progress is not None:
                 progress(1)
-        return state, jnp.mean(jnp.stack(losses), axis=0)
+        return state, to_host(jnp.mean(jnp.stack(losses), axis=0))
 
     def put(self, array: np.ndarray) -> jax.Array:
-        """Place a host array on the devices, replicated (the data set is small)."""
-        return jax.device_put(array, self.replicated)
+        """Place a host array, held in full by every process, on every device (evaluation data)."""
+        return put_replicated(self.mesh, array)
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -176,17 +163,17 @@ class Trainer:
         def step(total, xs):
             idx, mask = xs
             log_probs = model(pixels(images[idx]))
-            nll = -jnp.take_along_axis(log_probs, labels[idx][:, None], axis=1)[:, 0]
+            nll = optax.softmax_cross_entropy_with_integer_labels(log_probs, labels[idx])
             return total + jnp.sum(jnp.where(mask, nll, 0.0)), jnp.argmax(log_probs, axis=1)
 
         total, preds = jax.lax.scan(step, jnp.float32(0), (index.reshape(steps, batch), valid))
         return preds.reshape(-1)[:n], total / n
 
     def evaluate(self, state: TrainState, images, labels, batch: int = 250) -> dict:
-        """Accuracy, mean NLL and predictions on resident data."""
+        """Accuracy, mean NLL and predictions on data placed with :meth:`put`."""
         preds, loss = self._evaluate(state.params, state.stats, images, labels, batch=batch)
-        preds = np.asarray(preds)
-        return {"acc": float(np.mean(preds == np.asarray(labels))), "loss": float(loss), "preds": preds}
+        preds = to_host(preds)
+        return {"acc": float(np.mean(preds == to_host(labels))), "loss": float(to_host(loss)), "preds": preds}
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
@@ -197,11 +184,12 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, classes: int = NUM_C
 
 
 class SweepTrainer:
-    """Several learning rates trained as one program: the :class:`Trainer` step ``jax.vmap``-ed
-    over a leading learning-rate axis of the state, every member seeing the same batches and
-    dropout keys as its own :class:`Trainer` would (same seed, same initial parameters), so a
-    member's trajectory is the one its sequential run takes, up to floating-point reassociation.
-    ``members[i]`` is the plain trainer of ``lrs[i]`` (evaluation, checkpoint shapes).
+    """Several learning rates trained as one program: ``jax.vmap`` of the ordinary
+    :meth:`Trainer.train_step` over a leading axis of the state, whose learning rate is a leaf
+    (``optax.inject_hyperparams``). Every member sees the same batches and dropout keys as its own
+    :class:`Trainer` would (same seed, same initial parameters), so a member's trajectory is the
+    one its sequential run takes, up to floating-point reassociation. ``members[i]`` is the plain
+    trainer of ``lrs[i]`` (initial state, evaluation, checkpoint shapes).
     """
 
     def __init__(self, batch_norm: bool, lrs, batch_size: int, seed: int = 0, devices=None, impl: str = "reference",
@@ -210,9 +198,8 @@ class SweepTrainer:
         self.members = [Trainer(batch_norm, lr, batch_size, seed, devices, impl, pool) for lr in self.lrs]
         lead = self.members[0]
         self.replicated = lead.replicated
-        step = jax.vmap(lead._train_step_impl, in_axes=(0, None, None, None, None, 0))
-        self._train_step = jax.jit(step, donate_argnums=lead.donate)
-        self._lrs = jax.device_put(jnp.asarray(self.lrs, jnp.float32), self.replicated)
+        step = jax.vmap(lead.train_step, in_axes=(0, None, None))
+        self._train_step = jax.jit(step, donate_argnums=lead.donate, out_shardings=lead.replicated)
 
     @staticmethod
     def stack(states: list[TrainState]) -> TrainState:
@@ -225,5 +212,4 @@ class SweepTrainer:
 
     def train_epoch(self, state: TrainState, images, labels, epoch: int, progress=None):
         """One epoch for every member at once -> (state, (L,) mean training losses)."""
-        state, losses = self.members[0].run_epoch(self._train_step, state, images, labels, epoch, progress, self._lrs)
-        return state, np.asarray(losses)
+        return self.members[0].run_epoch(self._train_step, state, images, labels, epoch, progress)

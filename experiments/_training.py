@@ -1,0 +1,271 @@
+"""The training core both CLIs share: the epoch loop over a trainer's jitted steps, validation,
+latest and best checkpoints, exact resume with the config check, divergence, history, progress,
+multi-process start-up and the ``metrics.json`` every run writes.
+
+A part provides a trainer (``init_state``, ``abstract_state`` and an epoch function) and a
+validation function; this module does the rest the same way for both. One run is one folder with
+``ckpt/`` (every epoch) and ``best/`` (the best validation epoch, :mod:`experiments._checkpoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments._checkpoint import RunCheckpoints
+from experiments._cli import UserError, positive_int, write_json
+
+
+class Run:
+    """One training run in ``directory``: its checkpoints and ``meta`` (config, per-epoch history,
+    best epoch and value of ``metric``, divergence), resumed from ``ckpt/`` when present.
+
+    ``config`` is everything that determines the run's numbers (data fingerprint included): a
+    folder holding a run with another config is a :class:`UserError`, as is one holding more
+    epochs than ``epochs``. ``kind`` names the CLI (a checkpoint of another kind is refused before
+    its arrays are read). ``metric`` is the validation record's key that selects the best epoch,
+    higher better when ``maximize``.
+    """
+
+    def __init__(self, directory: Path, config: dict, trainer, *, kind: str, epochs: int, metric: str,
+                 maximize: bool, log: Callable[[str], None], label: str = ""):
+        self.directory, self.epochs, self.metric, self.maximize, self.log = Path(directory), epochs, metric, maximize, log
+        self.label = label  # prefix of this run's log lines ("lr=0.01 ")
+        config = {"kind": kind, **config}
+        self.meta = self._fresh = {"config": config, "history": [], "diverged": False, "best_epoch": None,
+                                   f"best_{metric}": None}
+        self.checkpoints = RunCheckpoints(self.directory)
+        self.state = trainer.init_state()
+
+        def check(meta: dict) -> None:
+            saved = meta.get("config", {})
+            if saved.get("kind") != kind:
+                raise UserError(f"{self.directory} holds a checkpoint that is not a {kind} run of this version "
+                                "(expected one written by this command); choose another --out")
+            if saved != config:
+                differ = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
+                shown = ", ".join(f"{k}: {_short(saved.get(k))} there, {_short(config.get(k))} now" for k in differ)
+                raise UserError(f"{self.directory} holds a run with other settings or data ({shown}); choose another --out")
+            if len(meta["history"]) > epochs:
+                raise UserError(f"{self.directory} holds {len(meta['history'])} epochs, more than --epochs {epochs}; "
+                                "choose another --out or at least as many epochs")
+
+        resumed = self.checkpoints.resume(trainer.abstract_state(), check, log)
+        if resumed is not None:
+            self.state, self.meta = resumed
+            log(f"{self.label}resuming after epoch {self.epochs_done}")
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.meta["history"])
+
+    @property
+    def finished(self) -> bool:
+        return self.meta["diverged"] or self.epochs_done >= self.epochs
+
+    @property
+    def best(self) -> float | None:
+        """The best epoch's value of ``metric`` (None before the first finite epoch)."""
+        return self.meta[f"best_{self.metric}"]
+
+    def improves(self, value: float) -> bool:
+        return self.best is None or (value > self.best if self.maximize else value < self.best)
+
+    def rewind(self, epochs: int, trainer) -> None:
+        """Go back to the end of epoch ``epochs`` (<= :attr:`epochs_done`; the checkpoint of the epoch
+        before the last is kept for this), e.g. to line up the runs of a vmapped sweep."""
+        if epochs == self.epochs_done:
+            return
+        if epochs == 0:
+            self.state, self.meta = trainer.init_state(), dict(self._fresh, history=[])
+        else:
+            self.state, self.meta = self.checkpoints.latest.restore(trainer.abstract_state(), epochs - 1)
+        self.log(f"{self.label}going back to epoch {epochs}, where the other runs stopped")
+
+    def end_epoch(self, epoch: int, state, train_loss: float, seconds: float, validate: Callable[[Any], dict]) -> dict:
+        """Validate (``validate(state)`` -> the record's ``val_*`` entries), record, checkpoint and
+        log finished epoch ``epoch`` (0-based). A non-finite training loss, or validation metric,
+        marks the run diverged and ends it: a NaN is reported, never trained on or selected."""
+        self.state = state
+        finite = math.isfinite(train_loss)
+        val = validate(state) if finite else {}
+        finite = finite and math.isfinite(val.get(self.metric, math.nan))
+        record = {"epoch": epoch + 1, "train_loss": train_loss if math.isfinite(train_loss) else None,
+                  **{k: (v if v is None or math.isfinite(v) else None) for k, v in val.items()}, "seconds": seconds}
+        self.meta["history"].append(record)
+        improved = finite and self.improves(record[self.metric])
+        if improved:
+            self.meta["best_epoch"], self.meta[f"best_{self.metric}"] = epoch + 1, record[self.metric]
+        if not finite:
+            self.meta["diverged"] = True
+        self.checkpoints.save_epoch(epoch, state, self.meta, best=improved)
+        if not finite:
+            self.log(f"{self.label}epoch {epoch + 1}: training loss {train_loss}, {self.metric} "
+                     f"{val.get(self.metric)}; this run diverged, stopping it")
+            return record
+        shown = "  ".join(f"{_name(k)} {v:.4f}" for k, v in record.items()
+                          if k not in ("epoch", "seconds") and v is not None)
+        self.log(f"{self.label}epoch {epoch + 1:>2}/{self.epochs}: {shown}  ({seconds:.1f} s)")
+        return record
+
+    def summary(self) -> str:
+        """One line: the best epoch and value, divergence, and a best/ that could not be rebuilt."""
+        if self.meta["diverged"] and self.meta["best_epoch"] is None:
+            return f"{self.label}diverged"
+        note = " (then diverged)" if self.meta["diverged"] else ""
+        if self.checkpoints.problem:
+            note += f"; warning: {self.checkpoints.problem}"
+        return f"{self.label}best {self.metric.replace('_', ' ')} {self.best:.4f} at epoch {self.meta['best_epoch']}{note}"
+
+    def close(self) -> None:
+        self.checkpoints.close()
+
+
+def _name(key: str) -> str:
+    """A record key as the log shows it: val_cer -> val CER."""
+    return " ".join(word.upper() if word in ("cer", "wer") else word for word in key.split("_"))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on process 0's terminal (none when the output is not a terminal)."""
+    import jax
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=None if jax.process_index() == 0 else True)
+
+
+def fit(run: Run, train_epoch: Callable, validate: Callable[[Any], dict], steps: int) -> None:
+    """Train ``run`` from its first missing epoch to its last: ``train_epoch(state, epoch,
+    progress) -> (state, mean training loss)`` with a progress bar of ``steps`` steps, then
+    :meth:`Run.end_epoch`; stops early when the run diverges."""
+    for epoch in range(run.epochs_done, run.epochs):
+        tick = time.perf_counter()
+        with progress_bar(steps, f"{run.label}epoch {epoch + 1}/{run.epochs}") as bar:
+            state, train_loss = train_epoch(run.state, epoch, bar.update)
+        run.end_epoch(epoch, state, train_loss, time.perf_counter() - tick, validate)
+        if run.finished:
+            break
+
+
+def select(runs: dict[str, Run]) -> str | None:
+    """The name of the run with the best validation value (None when every run diverged first)."""
+    finished = {name: run for name, run in runs.items() if run.best is not None}
+    if not finished:
+        return None
+    sign = 1 if next(iter(finished.values())).maximize else -1
+    return max(finished, key=lambda name: sign * finished[name].best)
+
+
+def metrics(part: str, config: dict, runs: dict[str, Run], selected: str | None, test: dict | None, **extra) -> dict:
+    """The ``metrics.json`` of both parts: the resolved config, each run's meta (its config,
+    per-epoch history, best epoch and value, divergence), the selected run with its best epoch,
+    checkpoint and validation record, the test metrics of that checkpoint, and the training wall
+    time (the sum of the epochs' seconds)."""
+    chosen = None
+    if selected is not None:
+        run = runs[selected]
+        chosen = {"run": selected, "epoch": run.meta["best_epoch"], "checkpoint": str(run.directory / "best"),
+                  "val": run.meta["history"][run.meta["best_epoch"] - 1], "problem": run.checkpoints.problem}
+    return {"part": part, "config": config, **extra, "runs": {name: run.meta for name, run in runs.items()},
+            "selected": chosen, "test": test,
+            "wall_s": sum(h["seconds"] for run in runs.values() for h in run.meta["history"])}
+
+
+def write_metrics(out: Path, value: dict) -> None:
+    """``out/metrics.json``, written atomically by process 0 only."""
+    import jax
+
+    if jax.process_index() == 0:
+        write_json(out / "metrics.json", value, indent=1)
+
+
+def fingerprint(*arrays: Iterable) -> str:
+    """A short SHA-1 of the arrays' bytes (or strings): a resumed run must see the same data."""
+    digest = hashlib.sha1()
+    for array in arrays:
+        if isinstance(array, np.ndarray):
+            digest.update(str((array.dtype, array.shape)).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        else:
+            for item in array:
+                digest.update(repr(item).encode())
+    return digest.hexdigest()[:16]
+
+
+# -- devices and processes ---------------------------------------------------------------------
+
+
+def add_parallel_options(parser) -> None:
+    """``--devices`` and the three multi-process flags of both training CLIs."""
+    parser.add_argument("--devices", type=positive_int,
+                        help="split each batch over this many devices (default: every accelerator of every "
+                             "process; one device in a one-process CPU run)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="multi-process run: process 0's address, the same on every process (default: none; "
+                             "where JAX detects a cluster, SLURM, Open MPI or a TPU slice, it finds it itself)")
+    parser.add_argument("--num-processes", type=positive_int, help="multi-process run: how many processes (default: none)")
+    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index, 0..N-1 (default: none)")
+
+
+def start_parallel(parser, args) -> None:
+    """Check the parallel flags, join the processes (:func:`common.parallel.initialize`) and, on a
+    CPU, ask for ``--devices`` host devices. Must run before the first computation."""
+    import os
+
+    from common.parallel import initialize
+
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if any(given) and not all(given):
+        parser.error("a multi-process run needs --coordinator, --num-processes and --process-id together")
+    if args.process_id is not None and not 0 <= args.process_id < args.num_processes:
+        parser.error(f"--process-id must lie in 0..{args.num_processes - 1}, got {args.process_id}")
+    if args.devices and args.devices > 1 and args.coordinator is None and _cpu_only():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if args.devices > cores:
+            parser.error(f"--devices {args.devices} needs as many CPU cores, this process may use {cores} "
+                         "(XLA:CPU host devices beyond the cores deadlock in their all-reduce)")
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", args.devices)
+        except RuntimeError:  # the backend is up already (a call from Python): its devices are used
+            pass
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as err:  # coordinator unreachable, port taken, ...
+        raise UserError(f"cannot join the multi-process run at {args.coordinator}: {str(err).splitlines()[0]}") from None
+
+
+def _cpu_only() -> bool:
+    from experiments._xla import _cpu_only as cpu_only
+
+    return cpu_only()
+
+
+def run_devices(requested: int | None) -> list:
+    """The devices a run splits its batches over: the first ``requested`` of all processes'
+    devices, or by default every device (one in a one-process CPU run). Raises
+    :class:`UserError` when fewer exist."""
+    import jax
+
+    from common.parallel import default_devices
+
+    devices = jax.devices()
+    if requested is None:
+        return default_devices()
+    if requested > len(devices):
+        raise UserError(f"--devices {requested}: only {len(devices)} device(s) here ({devices[0].platform})")
+    if jax.process_count() > 1 and requested != len(devices):
+        raise UserError(f"--devices {requested}: a multi-process run uses all {len(devices)} devices of its processes")
+    return devices[:requested]
