@@ -201,11 +201,11 @@ def find_best_checkpoint(path: Path) -> Path:
     if (path / "metrics.json").is_file():
         metrics = read_json(path / "metrics.json", "the metrics.json of a training run")
         selected = metrics.get("selected") if isinstance(metrics, dict) else None
-        lr = selected.get("lr") if isinstance(selected, dict) else None
-        if not isinstance(lr, (int, float)):
-            raise UserError(f"{path / 'metrics.json'}: no selected learning rate (expected the metrics.json "
+        checkpoint = selected.get("checkpoint") if isinstance(selected, dict) else None
+        if not isinstance(checkpoint, str):
+            raise UserError(f"{path / 'metrics.json'}: no selected run (expected the metrics.json "
                             "of a finished training run)")
-        path = run_dir(path, lr)
+        path = path / Path(checkpoint).parent.name  # lr_<lr>, wherever the run folder has moved
     if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):
         path = path / "best"
     if not (is_checkpoint_dir(path) or path.name == "best" and is_checkpoint_dir(path.parent / "ckpt")):
