@@ -70,7 +70,7 @@ class Trainer:
         devices = list(devices if devices is not None else default_devices())
         if batch_size % len(devices):
             raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} devices")
-        self.batch_norm, self.lr, self.batch_size, self.seed, self.impl = batch_norm, lr, batch_size, seed, impl
+        self.batch_norm, self.lr, self.batch_size, self.seed, self.impl, self.pool = batch_norm, lr, batch_size, seed, impl, pool
         self.mesh = data_mesh(devices)
         self.replicated, self.batch_sharding = replicated(self.mesh), batch_sharding(self.mesh)
         self.wait_each_step = in_process_collectives(self.mesh)  # one step in flight (common.parallel)

@@ -94,8 +94,11 @@ class Run:
         marks the run diverged and ends it: a NaN is reported, never trained on or selected."""
         self.state = state
         finite = math.isfinite(train_loss)
-        val = validate(state) if finite else {}
-        finite = finite and math.isfinite(val.get(self.metric, math.nan))
+        # a diverged epoch keeps the record's shape: the previous record's validation keys, None
+        keys = [k for k in (self.meta["history"][-1] if self.meta["history"] else {self.metric: None})
+                if k not in ("epoch", "train_loss", "seconds")]
+        val = validate(state) if finite else dict.fromkeys(keys)
+        finite = finite and val.get(self.metric) is not None and math.isfinite(val[self.metric])
         record = {"epoch": epoch + 1, "train_loss": train_loss if math.isfinite(train_loss) else None,
                   **{k: (v if v is None or math.isfinite(v) else None) for k, v in val.items()}, "seconds": seconds}
         self.meta["history"].append(record)

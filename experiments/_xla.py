@@ -1,20 +1,12 @@
 """Which implementation a command runs (``--impl``), and the XLA:CPU settings that go with the
 ``xla_cpu`` one.
 
-XLA:CPU settings for the CNN, chosen by measurement (``python -m benchmarks.run``,
-docs/performance.md): the YNNPACK library (jaxlib's default for CPU convolutions and fusions)
-kept for plain dots and reductions, so that XLA runs the convolutions itself. On 2 cores this
-took the baseline CNN's training step from 210 to 431 images/s at batch 8 and from 303 to 442
-at batch 64; the reductions (BatchNorm statistics and their gradients, which XLA:CPU otherwise
-rewrites into slow reduce-window trees) took the BN step at batch 64 from 123 to 91 ms
-(docs/performance.md, item 7).
-
+XLA:CPU settings for the CNN, chosen by measurement (``python -m benchmarks.run``, the decisions
+table of docs/performance.md): the YNNPACK library (jaxlib's default for CPU convolutions and
+fusions) kept for plain dots and reductions, so that XLA runs the convolutions itself.
 :func:`retain_freed_memory` keeps the C allocator from handing large freed buffers back to the
-kernel, which otherwise maps them afresh (and page-faults them in) on every training step. Only
-the CNN's tool applies it, and only where a step has such buffers (:func:`cnn_retains_memory`):
-its single malloc arena costs small steps more than it saves them, and with it the P2G step,
-split over two devices that allocate from two threads at once, ran 30% slower
-(docs/performance.md).
+kernel, which otherwise maps them afresh (and page-faults them in) on every training step; only
+the CNN's tool applies it, and only where a step has such buffers (:func:`cnn_retains_memory`).
 
 XLA reads ``XLA_FLAGS`` once, when the first computation initialises the backend, so
 :func:`tune_cpu` must run before any array is created. A flag the user already set in
@@ -31,8 +23,7 @@ import sys
 CPU_FLAGS = {
     "--xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
-# Not set: --xla_cpu_use_onednn=true. With jaxlib 0.10.2 the CNN's training steps compile to the
-# same program with it as without (no oneDNN calls), so it changed nothing (docs/performance.md).
+# Not set: --xla_cpu_use_onednn=true, which compiles the CNN's steps to the same program (docs/performance.md).
 
 
 def tune_cpu() -> list[str]:
@@ -55,14 +46,12 @@ def retain_freed_memory() -> bool:
     """Make glibc's malloc reuse freed memory instead of returning it to the kernel: one arena,
     no ``mmap``-ed blocks, no trimming of the heap. Returns whether the settings took.
 
-    Why: XLA:CPU allocates each step's buffers afresh. glibc serves a request of more than
-    64 MiB from a worker thread (the BN CNN's step at batch 64 asks for two of about 80 MiB)
-    with a fresh ``mmap`` and unmaps it on free, so every step page-faulted about 80 MB in
-    again: 20,000 minor faults a step, 30 ms of a 175 ms step. With one arena and ``mmap``
-    off, those blocks come from the heap and stay there: no faults after the first step.
-    The process keeps its peak heap until it exits. Must run before the first computation (the
-    XLA threads pick their arena on their first allocation). No-op away from glibc, and with
-    ``HW2_XLA_DEFAULTS=1``."""
+    Why: XLA:CPU allocates each step's buffers afresh, and glibc serves a request above its mmap
+    threshold from a worker thread with a fresh ``mmap`` that it unmaps on free, so every step
+    page-faults those buffers in again. With one arena and ``mmap`` off they come from the heap and
+    stay there. The process keeps its peak heap until it exits. Must run before the first
+    computation (the XLA threads pick their arena on their first allocation). No-op away from
+    glibc, and with ``HW2_XLA_DEFAULTS=1``."""
     if os.environ.get("HW2_XLA_DEFAULTS") == "1" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -84,11 +73,8 @@ RETAIN_FROM_IMAGES = 32
 def cnn_retains_memory(images_per_step: int) -> bool:
     """Apply :func:`retain_freed_memory` for a CNN training step over ``images_per_step`` images
     (the batch size, times the models of a vmapped sweep), where it pays: from
-    :data:`RETAIN_FROM_IMAGES` images on. Measured on the BN step (A/B in one process, glibc's own
-    settings against these): batch 64 133-142 -> 98-105 ms (21,000 page faults a step -> 0),
-    batch 32 77.5 -> 53.1 ms, but batch 16 24.5 -> 27.1 ms and batch 8 12.5-13.5 -> 15.4-15.7 ms,
-    where the one arena costs more than the faults it saves (``perf``: 5% of the batch 8 step in
-    ``malloc``, and futex wake-ups; docs/performance.md, item 16). Returns whether the setting was applied."""
+    :data:`RETAIN_FROM_IMAGES` images on; below that the single arena costs more than the page
+    faults it saves (docs/performance.md). Returns whether the setting was applied."""
     return images_per_step >= RETAIN_FROM_IMAGES and retain_freed_memory()
 
 

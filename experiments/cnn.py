@@ -92,8 +92,8 @@ def train_vmapped(runs: list[Run], trainers: list[Trainer], splits, validate, lo
     members = [runs[i] for i in todo]
     args_lrs = [trainers[i].lr for i in todo]
     lead = trainers[todo[0]]
-    sweep = SweepTrainer(lead.batch_norm, args_lrs, lead.batch_size, lead.seed, lead.mesh.devices.flat, lead.impl,
-                         lead.pool)
+    sweep = SweepTrainer(lead.batch_norm, args_lrs, lead.batch_size, lead.seed, list(lead.mesh.devices.flat),
+                         lead.impl, lead.pool)
     state = sweep.stack([run.state for run in members])
     steps = math.ceil(len(splits.train) / lead.batch_size)
     log(f"training lr={', '.join(f'{lr:g}' for lr in args_lrs)} as one vmapped program")

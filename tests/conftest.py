@@ -70,6 +70,22 @@ def run_killed_at_save(at: int, where: str, module: str, *args: str) -> subproce
                           capture_output=True, text=True, timeout=300)
 
 
+def kill_at_saves_then_finish(kills, module: str, *args: str) -> None:
+    """Run ``python -m module args`` killed at each (save number, "before"/"after") of ``kills`` in
+    turn, each time rerunning the same command, until a run ends on its own; at least three must
+    have been killed. Then the same command once more, which must succeed."""
+    killed = 0
+    for at, where in kills:
+        proc = run_killed_at_save(at, where, module, *args)
+        assert proc.returncode in (-9, 0), proc.stderr  # 0: the run ended before that save
+        killed += proc.returncode == -9
+        if proc.returncode == 0:
+            break
+    assert killed >= 3
+    proc = run_cli(module, *args)
+    assert proc.returncode == 0, proc.stderr
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (what CI runs)")
 

@@ -17,7 +17,7 @@ from cnn import CNN, CLASS_NAMES, IMPLS, DataError, Trainer, count_params, load,
 from cnn.xla_cpu.pool import max_pool_2x2
 from cnn.train import nll_loss
 from experiments import cnn as cnn_cli
-from tests.conftest import run_cli, run_killed_at_save
+from tests.conftest import kill_at_saves_then_finish, run_cli, run_killed_at_save
 
 
 def tiny_splits(n_train=48, n_val=16, n_test=16, seed=0):
@@ -475,7 +475,8 @@ def test_checkpoints_of_the_wrong_kind_or_damaged_are_one_line_errors(tiny_npz, 
     assert cnn_cli.main(["--data", str(tiny_npz), "--epochs", "2", "--quiet", "--out", str(cnn_run)]) == 0
     proc = run_cli("experiments.p2g", "test", "--checkpoint", str(cnn_run / "lr_0.01"))
     assert proc.returncode == 2 and "not a P2G checkpoint" in proc.stderr and "Traceback" not in proc.stderr
-    for array_file in (cnn_run / "lr_0.01" / "best").rglob("*"):  # damage every stored array of best/
+    # damage every stored array of best/ and of ckpt/ (which evaluation falls back on for best's epoch)
+    for array_file in [*(cnn_run / "lr_0.01" / "best").rglob("*"), *(cnn_run / "lr_0.01" / "ckpt").rglob("*")]:
         if array_file.is_file() and "meta" not in str(array_file) and array_file.stat().st_size > 1000:
             array_file.write_bytes(array_file.read_bytes()[:100])
     proc = run_cli("experiments.cnn", "--evaluate", str(cnn_run / "lr_0.01"), "--data", str(tiny_npz))
@@ -518,16 +519,7 @@ def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_metrics(tin
     common = ["--data", str(tiny_npz), "--batch-size", "8", "--epochs", "4", "--quiet"]
     # in a process of its own, as the killed runs: the XLA:CPU settings apply only at a process's start
     assert run_cli("experiments.cnn", *common, "--out", str(tmp_path / "clean")).returncode == 0
-    kills = 0
-    for at, where in KILLS:
-        proc = run_killed_at_save(at, where, "experiments.cnn", *common, "--out", str(tmp_path / "killed"))
-        assert proc.returncode in (-9, 0), proc.stderr  # 0: the run ended before that save
-        kills += proc.returncode == -9
-        if proc.returncode == 0:
-            break
-    assert kills >= 3
-    proc = run_cli("experiments.cnn", *common, "--out", str(tmp_path / "killed"))
-    assert proc.returncode == 0, proc.stderr
+    kill_at_saves_then_finish(KILLS, "experiments.cnn", *common, "--out", str(tmp_path / "killed"))
     # a disk that fills up at the third save: one line, exit 2; the same command then finishes
     proc = run_killed_at_save(3, "disk-full", "experiments.cnn", *common, "--out", str(tmp_path / "full"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [

@@ -571,3 +571,61 @@ def test_warnings_reach_stderr_under_quiet(p2g_dir, capsys):
     pairs, _ = test_pairs(args, {"data": "x"}, _cli.logger(True))
     captured = capsys.readouterr()
     assert captured.out == "" and "skipped 1 malformed line(s)" in captured.err and "no tab" in captured.err
+
+
+# ----------------------------------------------------------------------------------------------
+# training runs: divergence, other data, a sweep killed between its members' saves
+
+
+@pytest.mark.slow
+def test_a_p2g_run_whose_loss_is_not_finite_stops_as_diverged(p2g_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("experiments.p2g", "train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32",
+                   "--epochs", "3", "--lr", "1e30", "--out", str(out))
+    one_error_line(proc, "diverged")
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    run = metrics["runs"]["1e+30"]
+    assert run["diverged"] is True and run["history"][-1]["train_loss"] is None and metrics["selected"] is None
+    assert len(run["history"]) < 3  # stopped, not trained on
+
+
+@pytest.mark.slow
+def test_every_lr_diverged_still_writes_metrics(intel_npz, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("experiments.cnn", "--data", str(intel_npz), "--lr", "1e6", "--epochs", "2", "--out", str(out))
+    one_error_line(proc, "every learning rate diverged")
+    assert json.loads((out / "metrics.json").read_text())["runs"]["1e+06"]["diverged"] is True
+
+
+def test_resuming_with_other_data_of_the_same_size_is_refused(tmp_path):
+    from experiments import cnn as cnn_cli
+
+    for seed in (0, 1):
+        np.savez(tmp_path / f"d{seed}.npz", **tiny_intel(seed=seed))
+    run = lambda data, epochs: cnn_cli.main(["--data", str(tmp_path / data), "--lr", "0.01", "--epochs", str(epochs),
+                                             "--quiet", "--out", str(tmp_path / "run")])
+    assert run("d0.npz", 1) == 0
+    with pytest.raises(_cli.UserError, match="other settings or data \\(train_data"):
+        run("d1.npz", 2)
+    assert run("d0.npz", 2) == 0
+
+
+@pytest.mark.slow
+def test_a_vmapped_sweep_killed_between_members_resumes_to_the_uninterrupted_metrics(intel_npz, tmp_path):
+    """Saves of a 2-lr vmapped sweep, epoch by epoch: ckpt and best of lr 0.05, then of lr 0.01. A
+    kill after the 5th save leaves lr 0.05 one epoch ahead; the rerun goes back to the common epoch
+    and ends as the uninterrupted sweep."""
+    from tests.conftest import run_killed_at_save
+
+    common = ["--data", str(intel_npz), "--lr", "0.05", "0.01", "--vmap-sweep", "--epochs", "3", "--quiet"]
+    assert run_cli("experiments.cnn", *common, "--out", str(tmp_path / "clean")).returncode == 0
+    proc = run_killed_at_save(5, "after", "experiments.cnn", *common, "--out", str(tmp_path / "killed"))
+    assert proc.returncode == -9, proc.stderr
+    proc = run_cli("experiments.cnn", *common[:-1], "--out", str(tmp_path / "killed"))
+    assert proc.returncode == 0 and "going back to epoch" in proc.stdout, proc.stdout + proc.stderr
+    clean, killed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("clean", "killed"))
+    for metrics in (clean, killed):
+        for run in metrics["runs"].values():
+            for record in run["history"]:
+                del record["seconds"]
+    assert killed["runs"] == clean["runs"] and killed["test"] == clean["test"]

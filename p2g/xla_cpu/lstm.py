@@ -120,8 +120,7 @@ def _backward(reverse, residuals, cotangents):
         dc_prev = jnp.where(alive, dc_t * f, dc)
         return (dc_prev, dh_prev), d_gates.at[row].set(d_gates_t, mode="drop")
 
-    # Transposed once, outside the loop: written inside it, the decoder step's product took
-    # 56-65 us instead of 45-47 (a trace on one core; docs/performance.md, item 12).
+    # Transposed once, outside the loop: inside it the step's product was slower (docs/performance.md).
     kernel_h_t = kernel_h.T
     steps = jnp.max(lengths, initial=0)
     d_gates = jnp.zeros((P, 4 * H), kernel_h.dtype)
