@@ -32,6 +32,7 @@ from typing import Callable
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from p2g.data import PAD
@@ -206,9 +207,10 @@ class Seq2Seq(nnx.Module):
 
 
 def summed_nll(logits, targets):
-    """Sum of the cross-entropy over non-PAD target positions. ``(...,V), (...) -> ()``."""
+    """Sum of the cross-entropy (optax's, of integer labels) over non-PAD target positions.
+    ``(...,V), (...) -> ()``."""
     chex.assert_equal(logits.ndim, targets.ndim + 1)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(jnp.where(targets != PAD, nll, 0.0))
 
 
