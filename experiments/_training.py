@@ -231,6 +231,10 @@ def start_parallel(parser, args) -> None:
     given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
     if any(given) and not all(given):
         parser.error("a multi-process run needs --coordinator, --num-processes and --process-id together")
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            parser.error(f"--coordinator must be HOST:PORT with a port in 1..65535, got {args.coordinator!r}")
     if args.process_id is not None and not 0 <= args.process_id < args.num_processes:
         parser.error(f"--process-id must lie in 0..{args.num_processes - 1}, got {args.process_id}")
     if args.devices and args.devices > 1 and args.coordinator is None and _cpu_only():
