@@ -1,6 +1,6 @@
 """Minimal reproduction of the XLA:CPU in-process all-reduce deadlock, and the setting that avoids it.
 
-    python -m benchmarks.cpu_allreduce            # steps dispatched asynchronously: aborts after 40 s
+    python -m benchmarks.cpu_allreduce            # steps dispatched asynchronously: aborts
     python -m benchmarks.cpu_allreduce --sync     # the host waits for each step: completes
 
 Two XLA:CPU host devices in one process run a data-parallel step (the gradient of a replicated
@@ -8,10 +8,11 @@ matrix over a batch sharded in two, summed by XLA's all-reduce). With asynchrono
 host queues many steps ahead; the two devices' launches of consecutive steps then run on the
 client's thread pool and one device enters a step's all-reduce rendezvous while the other's launch
 of that step waits behind it: XLA logs "Expected 2 threads to join the rendezvous, but only 1 of
-them arrived" and aborts the process after 40 s (jaxlib 0.10.2, on one core or two). With at most
-one such step in flight (the host blocks on each step's output) the rendezvous always completes;
-the trainers do that wherever one process holds several CPU devices
-(:func:`common.parallel.in_process_collectives`). Processes with one device each (gloo) are not affected.
+them arrived" and aborts the process after XLA's rendezvous timeout (about a minute on the machine
+we measured; jaxlib 0.10.2, on one core or two). With at most one such step in flight (the host
+blocks on each step's output) the rendezvous always completes; the trainers do that wherever one
+process holds several CPU devices (:func:`common.parallel.in_process_collectives`). Processes with
+one device each (gloo) are not affected.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ Each process draws the same batch indices and feeds only the rows of its own dev
 
 from __future__ import annotations
 
+import math
+import socket
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -33,24 +37,113 @@ def cluster_detected() -> bool:
         return False
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
+def check_process_flags(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Raise ``ValueError`` (naming the command-line flags) unless the three multi-process settings
+    are all given or all absent, ``coordinator`` is HOST:PORT with a port in 1..65535 and
+    ``process_id`` lies in 0..num_processes-1: the one check of them, before JAX sees them (a
+    missing port was an IndexError there, a bad one a silent hang)."""
+    given = [value is not None for value in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError("a multi-process run needs --coordinator, --num-processes and --process-id together")
+    if not any(given):
+        return
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--coordinator must be HOST:PORT with a port in 1..65535, got {coordinator!r}")
+    if num_processes < 1:
+        raise ValueError(f"--num-processes must be a positive integer, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id must lie in 0..{num_processes - 1}, got {process_id}")
+
+
+def check_port_free(coordinator: str) -> None:
+    """Raise ``OSError`` where process 0 cannot listen on the coordinator's port: JAX's service binds
+    it on every address of this machine (``[::]:PORT``, as gRPC does, with ``SO_REUSEADDR``) and
+    crashes the process when it is taken."""
+    host, _, port = coordinator.rpartition(":")
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 here: gRPC falls back to IPv4 too
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, int(port)))
+                probe.listen(1)
+            except OSError as err:
+                raise OSError(f"port {port} on {host.strip('[]')} is in use ({err.strerror}): "
+                              "give every process a --coordinator with a free port") from None
+        return
+
+
+# The heartbeat timeout of the coordination service (``heartbeat_timeout_seconds``): a process that
+# sends no heartbeat for this long (a frozen or unreachable host; a process that exits closes its
+# collectives' connections, which the others see at once) counts as dead, and JAX then aborts every
+# other process with its own log line: the bound on how long the survivors of a lost process wait.
+# Process 0 holds the service, so where it stops the others' JAX may abort the same way at once,
+# racing the one-line error of experiments._parallel.
+HEARTBEAT_SECONDS = 100
+# JAX's own join timeout is this much longer than ours: JAX aborts the process at its timeout.
+_JAX_JOIN_MARGIN = 10
+
+
+class JoinTimeout(TimeoutError):
+    """Not every process joined within the timeout of :func:`initialize`. The process still has a
+    thread blocked in JAX's join and must end without the interpreter's shutdown (``os._exit``)."""
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               timeout: float = 300) -> bool:
     """Join the processes of a multi-process run with ``jax.distributed.initialize``; returns
     whether it did.
 
     With ``coordinator`` ("HOST:PORT", process 0's address), ``num_processes`` and ``process_id``
     given, those; with none given, where :func:`cluster_detected`, what JAX detects; otherwise a
     plain one-process run and nothing happens. Must run before the first computation. On CPUs the
-    cross-process collectives use gloo (``jax_cpu_collectives_implementation``). Raises
-    ``ValueError`` when only some of the three are given.
+    cross-process collectives use gloo (``jax_cpu_collectives_implementation``).
+
+    JAX's join blocks in C++, where Python's signal handlers cannot run, and aborts the process
+    when its own timeout passes; so it runs in a daemon thread while this thread waits in Python
+    (Ctrl-C works) and gives up first, raising :class:`JoinTimeout` after ``timeout`` seconds.
+    Raises ``ValueError`` for inconsistent settings (:func:`check_process_flags`), ``OSError`` when
+    process 0's port is taken (:func:`check_port_free`), and what JAX raises.
     """
-    given = [value is not None for value in (coordinator, num_processes, process_id)]
-    if any(given) and not all(given):
-        raise ValueError("a multi-process run needs all three of coordinator, num_processes and process_id")
-    if not any(given) and not cluster_detected():
+    check_process_flags(coordinator, num_processes, process_id)
+    if coordinator is None and not cluster_detected():
         return False
+    if process_id == 0:
+        check_port_free(coordinator)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    failure: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            jax.distributed.initialize(coordinator, num_processes, process_id,
+                                       initialization_timeout=math.ceil(timeout) + _JAX_JOIN_MARGIN,
+                                       heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+        except BaseException as err:  # handed to the waiting thread
+            failure.append(err)
+
+    thread = threading.Thread(target=join, name="jax.distributed.initialize", daemon=True)
+    deadline = time.monotonic() + timeout
+    thread.start()
+    while thread.is_alive():
+        if time.monotonic() > deadline:
+            raise JoinTimeout(f"not all {num_processes or 'the'} processes joined within {timeout:g} s")
+        thread.join(0.2)
+    if failure:
+        raise failure[0]
     return True
+
+
+def joined_process_index() -> int:
+    """This process's index in the run :func:`initialize` joined (0 where it joined none), read
+    without starting a backend (``jax.process_index`` starts one)."""
+    from jax._src import distributed  # private: orbax reads the same state
+
+    state = distributed.global_state
+    return state.process_id if state.client is not None else 0
 
 
 def is_main_process() -> bool:

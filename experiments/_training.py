@@ -1,6 +1,6 @@
 """The training core both CLIs share: the epoch loop over a trainer's jitted steps, validation,
-latest and best checkpoints, exact resume with the config check, divergence, history, progress,
-multi-process start-up and the ``metrics.json`` every run writes.
+latest and best checkpoints, exact resume with the config check, divergence, history, progress
+and the ``metrics.json`` every run writes (devices and processes: :mod:`experiments._parallel`).
 
 A part provides a trainer (``init_state``, ``abstract_state`` and an epoch function) and a
 validation function; this module does the rest the same way for both. One run is one folder with
@@ -19,14 +19,17 @@ from typing import Any
 import numpy as np
 
 from experiments._checkpoint import RunCheckpoints
-from experiments._cli import UserError, positive_int, write_json
+from experiments._cli import UserError, write_json
+
+
+RECORDED_ONLY = {"data"}  # where the data came from: kept, not compared (its fingerprints say whether it is the same)
 
 
 class Run:
     """One training run in ``directory``: its checkpoints and ``meta`` (config, per-epoch history,
     best epoch and value of ``metric``, divergence), resumed from ``ckpt/`` when present.
 
-    ``config`` is everything that determines the run's numbers (data fingerprint included): a
+    ``config`` is everything that determines the run's numbers (data fingerprints included): a
     folder holding a run with another config is a :class:`UserError`, as is one holding more
     epochs than ``epochs``. ``kind`` names the CLI (a checkpoint of another kind is refused before
     its arrays are read). ``metric`` is the validation record's key that selects the best epoch,
@@ -48,8 +51,8 @@ class Run:
             if saved.get("kind") != kind:
                 raise UserError(f"{self.directory} holds a checkpoint that is not a {kind} run of this version "
                                 "(expected one written by this command); choose another --out")
-            if saved != config:
-                differ = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
+            differ = sorted(k for k in (config.keys() | saved.keys()) - RECORDED_ONLY if config.get(k) != saved.get(k))
+            if differ:
                 shown = ", ".join(f"{k}: {_short(saved.get(k))} there, {_short(config.get(k))} now" for k in differ)
                 raise UserError(f"{self.directory} holds a run with other settings or data ({shown}); choose another --out")
             if len(meta["history"]) > epochs:
@@ -204,75 +207,3 @@ def fingerprint(*arrays: Iterable) -> str:
             for item in array:
                 digest.update(repr(item).encode())
     return digest.hexdigest()[:16]
-
-
-# -- devices and processes ---------------------------------------------------------------------
-
-
-def add_parallel_options(parser) -> None:
-    """``--devices`` and the three multi-process flags of both training CLIs."""
-    parser.add_argument("--devices", type=positive_int,
-                        help="split each batch over this many devices (default: every accelerator of every "
-                             "process; one device in a one-process CPU run)")
-    parser.add_argument("--coordinator", metavar="HOST:PORT",
-                        help="multi-process run: process 0's address, the same on every process (default: none; "
-                             "where JAX detects a cluster, SLURM, Open MPI or a TPU slice, it finds it itself)")
-    parser.add_argument("--num-processes", type=positive_int, help="multi-process run: how many processes (default: none)")
-    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index, 0..N-1 (default: none)")
-
-
-def start_parallel(parser, args) -> None:
-    """Check the parallel flags, join the processes (:func:`common.parallel.initialize`) and, on a
-    CPU, ask for ``--devices`` host devices. Must run before the first computation."""
-    import os
-
-    from common.parallel import initialize
-
-    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
-    if any(given) and not all(given):
-        parser.error("a multi-process run needs --coordinator, --num-processes and --process-id together")
-    if args.coordinator is not None:
-        host, _, port = args.coordinator.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            parser.error(f"--coordinator must be HOST:PORT with a port in 1..65535, got {args.coordinator!r}")
-    if args.process_id is not None and not 0 <= args.process_id < args.num_processes:
-        parser.error(f"--process-id must lie in 0..{args.num_processes - 1}, got {args.process_id}")
-    if args.devices and args.devices > 1 and args.coordinator is None and _cpu_only():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if args.devices > cores:
-            parser.error(f"--devices {args.devices} needs as many CPU cores, this process may use {cores} "
-                         "(XLA:CPU host devices beyond the cores deadlock in their all-reduce)")
-        import jax
-
-        try:
-            jax.config.update("jax_num_cpu_devices", args.devices)
-        except RuntimeError:  # the backend is up already (a call from Python): its devices are used
-            pass
-    try:
-        initialize(args.coordinator, args.num_processes, args.process_id)
-    except (RuntimeError, ValueError) as err:  # coordinator unreachable, port taken, ...
-        raise UserError(f"cannot join the multi-process run at {args.coordinator}: {str(err).splitlines()[0]}") from None
-
-
-def _cpu_only() -> bool:
-    from experiments._xla import _cpu_only as cpu_only
-
-    return cpu_only()
-
-
-def run_devices(requested: int | None) -> list:
-    """The devices a run splits its batches over: the first ``requested`` of all processes'
-    devices, or by default every device (one in a one-process CPU run). Raises
-    :class:`UserError` when fewer exist."""
-    import jax
-
-    from common.parallel import default_devices
-
-    devices = jax.devices()
-    if requested is None:
-        return default_devices()
-    if requested > len(devices):
-        raise UserError(f"--devices {requested}: only {len(devices)} device(s) here ({devices[0].platform})")
-    if jax.process_count() > 1 and requested != len(devices):
-        raise UserError(f"--devices {requested}: a multi-process run uses all {len(devices)} devices of its processes")
-    return devices[:requested]

@@ -28,8 +28,8 @@ import jax
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.parallel import is_main_process
 from experiments._checkpoint import BestCheckpoint, Checkpoints, is_checkpoint_dir
-from experiments._training import (Run, add_parallel_options, fingerprint, fit, metrics, progress_bar, run_devices, select,
-                                   start_parallel, write_metrics)
+from experiments._parallel import add_parallel_options, check_same_run, run_devices, start_parallel
+from experiments._training import Run, fingerprint, fit, metrics, progress_bar, select, write_metrics
 from experiments.configs import CNNConfig, resolved
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
@@ -46,7 +46,8 @@ def run_dir(out: Path, lr: float) -> Path:
 def run_config(args, lr: float, splits) -> dict:
     """What determines one learning rate's numbers (checked when a run resumes)."""
     config = {"batch_norm": args.batch_norm, "lr": lr, "batch_size": args.batch_size, "seed": args.seed,
-              "impl": args.impl, "train_data": fingerprint(splits.train.images, splits.train.labels)}
+              "impl": args.impl, "train_data": fingerprint(splits.train.images, splits.train.labels),
+              "val_data": fingerprint(splits.val.images, splits.val.labels)}
     if args.pool != "average":
         config["pool"] = args.pool
     return config
@@ -133,6 +134,7 @@ def cmd_train(args, log) -> int:
     splits = load(args.data, tfds_dir=args.tfds_dir, log=log)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
         raise UserError(f"{args.data}: training needs non-empty train and val splits")
+    check_same_run(resolved(CNNConfig, args), splits)  # every process of a multi-process run alike
     if args.batch_size > len(splits.train):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(splits.train)} training images of {args.data}")
     devices = run_devices(args.devices)
@@ -200,7 +202,13 @@ def find_best_checkpoint(path: Path) -> Path:
 
     if (path / "metrics.json").is_file():
         metrics = read_json(path / "metrics.json", "the metrics.json of a training run")
-        selected = metrics.get("selected") if isinstance(metrics, dict) else None
+        part = metrics.get("part") if isinstance(metrics, dict) else None
+        if part is None:
+            raise UserError(f"{path / 'metrics.json'} was written by an earlier version of this command; "
+                            "train again into a new --out to evaluate with this version")
+        if part != "cnn":
+            raise UserError(f"{path}: a {part} run, not a CNN one (expected a --out of python -m experiments.cnn)")
+        selected = metrics.get("selected")
         checkpoint = selected.get("checkpoint") if isinstance(selected, dict) else None
         if not isinstance(checkpoint, str):
             raise UserError(f"{path / 'metrics.json'}: no selected run (expected the metrics.json "
@@ -262,17 +270,16 @@ def main(argv=None) -> int:
     if len(set(folders)) < len(folders):
         parser.error(f"--lr {' '.join(map(str, args.lr))}: the same learning rate twice (each gets the folder lr_<lr>)")
     log = logger(args.quiet)
-    args.impl = choose_impl(args.impl, log)
-    if args.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
-        tune_cpu()
-        cnn_retains_memory(args.batch_size * (len(args.lr) if args.vmap_sweep else 1))
     if args.pool != "average" and not args.batch_norm:
         parser.error("--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
     if args.out is None:
         args.out = Path("runs/cnn-bn-hopfield" if args.pool == "hopfield" else "runs/cnn-bn" if args.batch_norm else "runs/cnn")
-    start_parallel(parser, args)
-    if not is_main_process():
+    if not start_parallel(parser, args):  # only process 0 logs
         log = logger(True)
+    args.impl = choose_impl(args.impl, log)
+    if args.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
+        tune_cpu()
+        cnn_retains_memory(args.batch_size * (len(args.lr) if args.vmap_sweep else 1))
     return cmd_evaluate(args, log) if args.evaluate else cmd_train(args, log)
 
 

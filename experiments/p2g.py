@@ -20,7 +20,8 @@ import numpy as np
 
 from common.parallel import is_main_process
 from experiments._checkpoint import BestCheckpoint, is_checkpoint_dir
-from experiments._training import Run, add_parallel_options, fingerprint, fit, metrics, run_devices, start_parallel, write_metrics
+from experiments._parallel import add_parallel_options, check_same_run, run_devices, start_parallel
+from experiments._training import Run, fingerprint, fit, metrics, write_metrics
 from experiments.configs import P2GConfig, resolved
 from experiments._plots import pyplot
 from experiments._xla import choose_impl
@@ -67,6 +68,7 @@ def plot_history(history: list[dict], out: Path, title: str) -> None:
 
 def cmd_train(args, log) -> int:
     splits, source = load_splits(args.data_dir, args.seed, log)
+    check_same_run(resolved(P2GConfig, args), splits)  # every process of a multi-process run alike
     src_vocab = Vocab.build(p.phonemes for p in splits["train"])
     tgt_vocab = Vocab.build(p.spelling for p in splits["train"])
     all_pairs = [p for pairs in splits.values() for p in pairs]
@@ -79,6 +81,7 @@ def cmd_train(args, log) -> int:
         "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "bucket": args.bucket,
         "src_vocab": list(src_vocab.symbols), "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width,
         "tgt_width": tgt_width, "impl": args.impl, "train_data": fingerprint([(p.phonemes, p.spelling) for p in splits["train"]]),
+        "val_data": fingerprint([(p.phonemes, p.spelling) for p in splits["valid"]]),
     }
     if args.attn == "hopfield":
         config["hopfield_steps"] = args.hopfield_steps
@@ -92,7 +95,8 @@ def cmd_train(args, log) -> int:
     run = Run(args.out, config, trainer, kind="p2g", epochs=args.epochs, metric="val_cer", maximize=False, log=log)
     resumable_from(args.out)
     name = {None: "no attention", "bahdanau": "attention"}.get(args.attn, f"Hopfield attention, {args.hopfield_steps} step(s)")
-    log(f"P2G ({name}): {len(train)} train / {len(valid)} valid pairs from {source}; "
+    tested = f" / {len(splits['test'])} test" if "test" in splits else ""
+    log(f"P2G ({name}): {len(train)} train / {len(valid)} valid{tested} pairs from {source}; "
         f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; batches split over {len(devices)} "
         f"device(s) in {jax.process_count()} process(es); out: {args.out}")
 
@@ -322,7 +326,6 @@ def main(argv=None) -> int:
             test.error("--k is the number of nucleus samples: it goes with --topp")
         args.k = 3 if args.k is None else args.k
     log = logger(args.quiet)
-    args.impl = choose_impl(args.impl, log)
     if args.command == "train":
         if args.hidden % 2:
             train.error("--hidden must be even (half per encoder direction)")
@@ -331,9 +334,9 @@ def main(argv=None) -> int:
                 args.attn, f"runs/p2g-hopfield{args.hopfield_steps}"))
         if args.attn != "hopfield" and args.hopfield_steps != 1:
             train.error("--hopfield-steps goes with --attn hopfield")
-        start_parallel(train, args)
-        if not is_main_process():
+        if not start_parallel(train, args):  # only process 0 logs
             log = logger(True)
+    args.impl = choose_impl(args.impl, log)
     return cmd_train(args, log) if args.command == "train" else cmd_test(args, log)
 
 

@@ -84,6 +84,7 @@ class Trainer:
         self._eval_loss = jax.jit(self._eval_loss_impl, out_shardings=self.replicated)
         self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"), out_shardings=self.replicated)
         self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"), out_shardings=self.replicated)
+        self._placed = (None, None)  # (data, its arrays on the devices) of the last loss() call
 
     # -- state -------------------------------------------------------------------------------
 
@@ -139,8 +140,9 @@ class Trainer:
     def loss(self, state: TrainState, data: Batchable) -> float:
         """Mean teacher-forced loss in eval mode (no dropout) over all target tokens, one jitted
         program over the whole data."""
-        arrays = put_replicated(self.mesh, (data.src, data.src_len, data.tgt_in, data.tgt_out))
-        return float(to_host(self._eval_loss(state.params, *arrays)))
+        if self._placed[0] is not data:  # the validation set every epoch: placed on the devices once
+            self._placed = (data, put_replicated(self.mesh, (data.src, data.src_len, data.tgt_in, data.tgt_out)))
+        return float(to_host(self._eval_loss(state.params, *self._placed[1])))
 
     def _eval_loss_impl(self, params, src, src_len, tgt_in, tgt_out):
         model = nnx.merge(self.eval_graph, params)

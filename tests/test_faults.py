@@ -109,6 +109,17 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(intel_npz, p2g_dir, tmp
             assert "Traceback" not in proc.stdout + proc.stderr, (name, delay)
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_a_cli_starts_is_one_line_and_status_130(intel_npz, tmp_path):
+    """SIGINT during the imports, before the command line is parsed: the package's handler ends
+    the process with the same line."""
+    args = ["experiments.cnn", "--data", str(intel_npz), "--epochs", "1", "--out", str(tmp_path / "cnn")]
+    for delay in (0.3, 0.7, 1.2):
+        proc = interrupted(args, delay, after_first_line=False)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 130 and lines == ["interrupted"], (delay, proc.returncode, proc.stderr[-2000:])
+
+
 def test_ctrl_c_in_process_is_still_system_exit_130(capsys, monkeypatch):
     """With an explicit argv (a caller in the same process), Ctrl-C and user errors raise
     SystemExit instead of ending the process."""
@@ -604,10 +615,46 @@ def test_resuming_with_other_data_of_the_same_size_is_refused(tmp_path):
         np.savez(tmp_path / f"d{seed}.npz", **tiny_intel(seed=seed))
     run = lambda data, epochs: cnn_cli.main(["--data", str(tmp_path / data), "--lr", "0.01", "--epochs", str(epochs),
                                              "--quiet", "--out", str(tmp_path / "run")])
+    other_val = tiny_intel(seed=0)
+    other_val["val_labels"] = (other_val["val_labels"] + 1) % 6
+    np.savez(tmp_path / "other_val.npz", **other_val)
     assert run("d0.npz", 1) == 0
     with pytest.raises(_cli.UserError, match="other settings or data \\(train_data"):
         run("d1.npz", 2)
+    with pytest.raises(_cli.UserError, match="other settings or data \\(val_data"):
+        run("other_val.npz", 2)
     assert run("d0.npz", 2) == 0
+
+
+@pytest.mark.slow
+def test_p2g_resumes_from_a_copy_of_its_data_elsewhere_but_not_with_another_validation_set(p2g_dir, tmp_path):
+    """The data's fingerprints decide whether a run may resume, not the folder it was read from."""
+    import shutil
+
+    from experiments import p2g as p2g_cli
+
+    copy = tmp_path / "copy"
+    shutil.copytree(p2g_dir, copy)
+    run = lambda data, epochs: p2g_cli.main(["train", "--data-dir", str(data), "--hidden", "16", "--batch-size", "32",
+                                             "--epochs", str(epochs), "--quiet", "--out", str(tmp_path / "run")])
+    assert run(p2g_dir, 1) == 0
+    assert run(copy, 2) == 0
+    assert len(saved_meta(tmp_path / "run")["history"]) == 2
+    lines = (copy / "valid.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (copy / "valid.tsv").write_text("".join(lines[:-1]), encoding="utf-8")
+    with pytest.raises(_cli.UserError, match="other settings or data \\(val_data"):
+        run(copy, 3)
+
+
+def test_evaluate_names_a_run_of_another_part_or_version(intel_npz, tmp_path):
+    from experiments import cnn as cnn_cli
+
+    for name, metrics, expected in (("p2g", {"part": "p2g", "selected": {"checkpoint": "runs/p2g/best"}}, "a p2g run"),
+                                    ("old", {"model": "baseline", "selected": {"lr": 0.01}}, "an earlier version")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+        with pytest.raises(_cli.UserError, match=expected):
+            cnn_cli.main(["--evaluate", str(tmp_path / name), "--data", str(intel_npz), "--quiet"])
 
 
 @pytest.mark.slow

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -167,3 +169,197 @@ def test_parallel_flags_are_checked(tmp_path):
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         cnn_cli.main(["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"])
+
+
+# The failure paths of a multi-process run: each ends every process with one line, never a
+# traceback or a C++ abort, within a bounded time.
+
+
+def start(module: list[str], args: list[str], port: int, num_processes: int, process_id: int, **popen):
+    """``python -m module args`` as process ``process_id`` of ``num_processes`` on 127.0.0.1:``port``."""
+    command = [sys.executable, "-m", *module, *args, "--coordinator", f"127.0.0.1:{port}",
+               "--num-processes", str(num_processes), "--process-id", str(process_id)]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True, **popen)
+
+
+def finish(proc, timeout: float = 120) -> tuple[str, str]:
+    """The output of ``proc`` once it ends; killed, and the test failed, after ``timeout`` seconds."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{proc.args} still running after {timeout} s")
+
+
+def assert_one_error_line(err: str, *parts: str) -> str:
+    """``err`` holds one ``error: ...`` line with ``parts`` in it, and no traceback."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    for part in parts:
+        assert part in errors[0], errors[0]
+    return errors[0]
+
+
+def tiny_npz(tmp_path, n_train: int = 32):
+    path = tmp_path / "tiny.npz"
+    if not path.exists():
+        np.savez(path, **tiny_splits(n_train=n_train))
+    return path
+
+
+def cnn_args(tmp_path, *extra: str) -> list[str]:
+    return ["--data", str(tiny_npz(tmp_path)), "--lr", "0.05", "--epochs", "2", "--quiet", "--out", str(tmp_path / "out"),
+            *extra]
+
+
+def test_flags_are_checked_once_by_check_process_flags():
+    from common.parallel import check_process_flags
+
+    check_process_flags(None, None, None)
+    check_process_flags("127.0.0.1:1234", 2, 1)
+    for flags, message in ((("127.0.0.1:1234", 2, None), "together"), (("127.0.0.1", 2, 0), "HOST:PORT"),
+                           (("127.0.0.1:0", 2, 0), "HOST:PORT"), (("127.0.0.1:1234", 2, 2), r"0\.\.1")):
+        with pytest.raises(ValueError, match=message):
+            check_process_flags(*flags)
+
+
+def test_a_taken_port_is_found_before_jax_binds_it():
+    from common.parallel import check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port_free(f"127.0.0.1:{port}")
+    check_port_free(f"127.0.0.1:{port}")  # free again
+
+
+def test_the_data_digest_sees_values_not_identity():
+    from experiments._parallel import _digest
+    from p2g.data import Pair
+
+    a = {"train": [Pair(("a", "b"), "ab")], "images": np.arange(6).reshape(2, 3)}
+    assert _digest(a) == _digest({"images": np.arange(6).reshape(2, 3), "train": [Pair(("a", "b"), "ab")]})
+    assert _digest(a) != _digest({**a, "images": np.arange(6).reshape(3, 2)})
+    assert _digest(a) != _digest({**a, "train": [Pair(("a", "b"), "ba")]})
+
+
+@pytest.mark.slow
+def test_a_process_whose_peers_never_come_stops_after_the_join_timeout(tmp_path):
+    """Process 0 alone (it runs the coordinator) and process 1 alone (no coordinator to reach),
+    each of its own two-process run: one line naming what to check, status 2, soon after
+    --join-timeout, before JAX's own timeout aborts the process."""
+    procs = [start(["experiments.cnn"], cnn_args(tmp_path, "--join-timeout", "3"), free_port(), 2, i) for i in (0, 1)]
+    for proc in procs:
+        _, err = finish(proc)
+        assert proc.returncode == 2, err
+        assert_one_error_line(err, "not all 2 processes joined within 3 s", "the same --coordinator and --num-processes")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_process_waiting_for_its_peers(tmp_path):
+    """JAX's join blocks in C++, where no signal handler runs: the join waits in a thread."""
+    port = free_port()
+    proc = start(["experiments.cnn"], cnn_args(tmp_path), port, 2, 0)
+    deadline = time.monotonic() + 120
+    while True:  # until the coordinator listens: the process waits for process 1 then
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    time.sleep(1)
+    tick = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = finish(proc, timeout=30)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err and time.monotonic() - tick < 10
+
+
+@pytest.mark.slow
+def test_a_taken_coordinator_port_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        _, err = finish(start(["experiments.cnn"], cnn_args(tmp_path), port, 2, 0))
+    assert_one_error_line(err, f"port {port} on 127.0.0.1 is in use")
+
+
+@pytest.mark.slow
+def test_processes_started_with_other_settings_all_stop_with_one_line(tmp_path):
+    """Process 1 with another --epochs, then another --num-processes (with a process id that
+    exists in process 0's run, so both join): each process says what differs, status 2; a run of
+    two whose process 0 waits for three ends at the join timeout."""
+    port = free_port()
+    procs = [start(["experiments.cnn"], cnn_args(tmp_path, *extra), port, 2, i)
+             for i, extra in enumerate([(), ("--epochs", "3")])]
+    (_, err0), (_, err1) = finish(procs[0]), finish(procs[1])
+    assert [p.returncode for p in procs] == [2, 2], err0 + err1
+    assert_one_error_line(err0, "process 1 of this run started with other settings than process 0 (--epochs)")
+    assert_one_error_line(err1, "this process was started with other settings than process 0 "
+                                "(--epochs 3 here, 2 on process 0)")
+
+    port = free_port()
+    procs = [start(["experiments.cnn"], cnn_args(tmp_path, "--join-timeout", "5"), port, n, i) for n, i in ((2, 0), (3, 1))]
+    (_, err0), (_, err1) = finish(procs[0]), finish(procs[1])
+    assert [p.returncode for p in procs] == [2, 2], err0 + err1
+    assert_one_error_line(err1, "--num-processes 3 here, 2 on process 0")
+
+    port = free_port()
+    procs = [start(["experiments.cnn"], cnn_args(tmp_path, "--join-timeout", "3"), port, n, i) for n, i in ((3, 0), (2, 1))]
+    for proc in procs:
+        _, err = finish(proc)
+        assert proc.returncode == 2, err
+        assert_one_error_line(err, "the same --coordinator and --num-processes")
+
+
+@pytest.mark.slow
+def test_a_process_with_other_data_stops_the_run(tmp_path):
+    (tmp_path / "other").mkdir()
+    np.savez(tmp_path / "other" / "tiny.npz", **tiny_splits(n_train=32, seed=1))
+    tiny_npz(tmp_path)
+    port = free_port()
+    procs = [start(["experiments.cnn"], ["--data", str(path / "tiny.npz"), "--lr", "0.05", "--quiet", "--out",
+                                         str(tmp_path / "out")], port, 2, i)
+             for i, path in enumerate([tmp_path, tmp_path / "other"])]
+    (_, err0), (_, err1) = finish(procs[0]), finish(procs[1])
+    assert [p.returncode for p in procs] == [2, 2], err0 + err1
+    assert_one_error_line(err0, "process 1 of this run started with other settings than process 0 (the data)")
+    assert_one_error_line(err1, "other data here than on process 0")
+
+
+@pytest.mark.slow
+def test_a_process_that_stops_mid_training_stops_the_others_with_one_line(tmp_path):
+    """Process 1 interrupted after process 0 logged an epoch: process 0 says so in one line with
+    status 1 (no traceback, no abort), in far less than the coordination service's heartbeat
+    timeout. Only process 0 logs (the implementation line included)."""
+    args = ["--data", str(tiny_npz(tmp_path)), "--lr", "0.05", "--epochs", "1000", "--out", str(tmp_path / "out")]
+    port = free_port()
+    stderr = [open(tmp_path / f"stderr{i}.txt", "w+") for i in (0, 1)]
+    procs = [start(["experiments.cnn"], args, port, 2, i, stderr=stderr[i]) for i in (0, 1)]
+    try:
+        deadline = time.monotonic() + 180
+        for line in procs[0].stdout:  # up to process 0's first epoch line
+            if "epoch  1/1000" in line or time.monotonic() > deadline:
+                break
+        assert procs[1].poll() is None and procs[0].poll() is None, [f.read() for f in stderr]
+        procs[1].send_signal(signal.SIGINT)
+        tick = time.monotonic()
+        out1, _ = finish(procs[1], timeout=30)
+        finish(procs[0], timeout=90)
+        seconds = time.monotonic() - tick
+    finally:
+        for proc in procs:
+            proc.kill()
+    err0, err1 = [(f.seek(0), f.read())[1] for f in stderr]
+    assert procs[1].returncode == 130 and "interrupted" in err1
+    assert procs[0].returncode == 1, err0
+    assert_one_error_line(err0, "another process of this run stopped: ", "rerun every process with the same command")
+    assert seconds < 60
+    assert "implementation" not in out1 and "epoch" not in out1

@@ -1,0 +1,232 @@
+"""The training CLIs' devices and processes: the ``--devices`` and multi-process flags, joining the
+processes before the first computation, the check that they were all started alike, a lost
+process's error as one line, and the devices a run splits its batches over (:mod:`common.parallel`
+holds the mechanism)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from experiments._cli import UserError, positive_float, positive_int
+from experiments._xla import _cpu_only
+
+# The joined run's --join-timeout, --num-processes and --out (set by start_parallel, read by check_same_run).
+_joined = {"timeout": 300.0, "num_processes": None, "out": None}
+SAME_COMMAND = "start every process with the same command, only --process-id differing"
+
+
+def add_parallel_options(parser) -> None:
+    """``--devices`` and the three multi-process flags of both training CLIs."""
+    parser.add_argument("--devices", type=positive_int,
+                        help="split each batch over this many devices (default: every accelerator of every "
+                             "process; one device in a one-process CPU run)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="multi-process run: process 0's address, the same on every process (default: none; "
+                             "where JAX detects a cluster, SLURM, Open MPI or a TPU slice, it finds it itself)")
+    parser.add_argument("--num-processes", type=positive_int, help="multi-process run: how many processes (default: none)")
+    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index, 0..N-1 (default: none)")
+    parser.add_argument("--join-timeout", type=positive_float, default=300, metavar="SECONDS",
+                        help="multi-process run: how long a process waits for the others to join, and then to "
+                             "reach the check that all were started alike (default: %(default)s)")
+
+
+def start_parallel(parser, args) -> bool:
+    """Check the parallel flags, join the processes (:func:`common.parallel.initialize`) and, on a
+    CPU, ask for ``--devices`` host devices; returns whether this process is the one that logs
+    (process 0, or a one-process run), found without starting a backend. Must run before the
+    first computation. In a multi-process run, a failed collective later ends this process with
+    one line (:func:`_stop_on_lost_process`)."""
+    import os
+
+    from common.parallel import JoinTimeout, check_process_flags, initialize, joined_process_index
+
+    try:
+        check_process_flags(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.devices and args.devices > 1 and args.coordinator is None and _cpu_only():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if args.devices > cores:
+            parser.error(f"--devices {args.devices} needs as many CPU cores, this process may use {cores} "
+                         "(XLA:CPU host devices beyond the cores deadlock in their all-reduce)")
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", args.devices)
+        except RuntimeError:  # the backend is up already (a call from Python): its devices are used
+            pass
+    run = f"the multi-process run at {args.coordinator}" if args.coordinator else "the cluster JAX detected"
+    try:
+        joined = initialize(args.coordinator, args.num_processes, args.process_id, args.join_timeout)
+    except JoinTimeout as err:  # a process missing, or started with another --coordinator or --num-processes
+        raise UserError(f"cannot join {run}: {err}; check that every process was started with the same "
+                        "--coordinator and --num-processes, and a --process-id of its own") from None
+    except (RuntimeError, ValueError, OSError) as err:  # port taken, coordinator unreachable, ...
+        raise UserError(f"cannot join {run}: {str(err).splitlines()[0]}") from None
+    if not joined:
+        return True
+    _joined.update(timeout=args.join_timeout, num_processes=args.num_processes, out=str(args.out))
+    _stop_on_lost_process()
+    return joined_process_index() == 0
+
+
+# What a failed cross-process collective says (gloo's on CPUs, NCCL's on GPUs): jax raises it as a
+# JaxRuntimeError or, from a jitted call's dispatch, a ValueError.
+_LOST_PROCESS = re.compile(r"\b(Gloo|NCCL)\b|Connection (closed|reset) by peer")
+
+
+def _stop_on_lost_process() -> None:
+    """Make an error of a collective that reaches the top (another process of the run stopped) one
+    line on stderr and status 1, the process ending at once after flushing: its traceback says
+    nothing more, and the interpreter's shutdown would wait for the lost process until the
+    coordination service's heartbeat timeout (:data:`common.parallel.HEARTBEAT_SECONDS`) and
+    then abort in C++."""
+    import jax
+
+    from experiments._cli import _end
+
+    previous = sys.excepthook
+
+    def excepthook(kind, error, traceback):
+        if not (issubclass(kind, jax.errors.JaxRuntimeError) or _LOST_PROCESS.search(str(error))):
+            return previous(kind, error, traceback)
+        first = (str(error).strip() or kind.__name__).splitlines()[0]
+        print(f"error: another process of this run stopped: {first}; rerun every process with the same "
+              "command to resume from the last checkpoint", file=sys.stderr)
+        _end(1, hard=True)
+
+    sys.excepthook = excepthook
+
+
+def _digest(data) -> str:
+    """A SHA-1 of ``data``: arrays (dtype, shape, bytes), dataclasses, mappings, sequences, and
+    other values by ``repr``."""
+    digest = hashlib.sha1()
+
+    def feed(item) -> None:
+        if isinstance(item, np.ndarray):
+            digest.update(f"array{item.dtype}{item.shape}".encode())
+            digest.update(np.ascontiguousarray(item).tobytes())
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            digest.update(type(item).__name__.encode())
+            for field in dataclasses.fields(item):
+                feed(getattr(item, field.name))
+        elif isinstance(item, Mapping):
+            digest.update(f"map{len(item)}".encode())
+            for key in sorted(item, key=repr):
+                feed(key)
+                feed(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"seq{len(item)}".encode())
+            for value in item:
+                feed(value)
+        else:
+            digest.update(f"{item!r}\0".encode())
+
+    feed(data)
+    return digest.hexdigest()
+
+
+def _wait_for(client, key: str, deadline: float) -> str | None:
+    """The value of ``key`` in the coordination service's key-value store once a process posts it,
+    or None at ``deadline``; polled from Python, so that Ctrl-C works while it waits."""
+    import jax
+
+    while True:
+        try:
+            return client.key_value_try_get(key)
+        except jax.errors.JaxRuntimeError:  # NOT_FOUND: not posted yet
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+
+
+def _processes(indices) -> str:
+    indices = sorted(map(int, indices))
+    return f"process{'es' if len(indices) > 1 else ''} {', '.join(map(str, indices))}"
+
+
+def check_same_run(settings: dict, data) -> None:
+    """In a multi-process run, end every process with one line (:class:`UserError`) unless all were
+    started with the same ``settings`` (the resolved flags, --num-processes and --out: orbax writes
+    one checkpoint from all processes, and waits forever for a folder another --out never gets) and
+    read the same ``data`` (compared by :func:`_digest`): processes that differ would hang or fail in their first
+    collective, or train different models in step. Each process posts both to the coordination
+    service's key-value store; process 0 compares them with its own and posts the verdict, which
+    the others wait for. The waits last at most ``--join-timeout`` seconds (a process that stopped
+    before the check, or is still loading its data). No-op in a one-process run."""
+    from jax._src import distributed  # private: orbax reads the same client
+
+    state = distributed.global_state
+    if state.client is None:
+        return
+    client, index, key = state.client, state.process_id, "experiments/check_same_run"
+    mine = {**settings, "num_processes": _joined["num_processes"], "out": _joined["out"], "data": _digest(data)}
+    mine = json.loads(json.dumps(mine, sort_keys=True, default=str))
+    client.key_value_set(f"{key}/{index}", json.dumps(mine))
+    timeout = _joined["timeout"]
+    if index == 0:
+        deadline = time.monotonic() + timeout
+        verdict = {"differ": {}, "missing": []}
+        for other in range(1, state.num_processes):
+            posted = _wait_for(client, f"{key}/{other}", deadline)
+            if posted is None:
+                verdict["missing"].append(other)
+                continue
+            theirs = json.loads(posted)
+            names = [name for name in sorted(set(mine) | set(theirs)) if mine.get(name) != theirs.get(name)]
+            if names:
+                verdict["differ"][str(other)] = [
+                    ("the data", "other data here than on process 0") if name == "data" else
+                    (f"--{name.replace('_', '-')}", f"--{name.replace('_', '-')} {json.dumps(theirs.get(name))} here, "
+                                                    f"{json.dumps(mine.get(name))} on process 0")
+                    for name in names]
+        client.key_value_set(f"{key}/verdict", json.dumps(verdict))
+        if verdict["differ"] or verdict["missing"]:  # the service ends with this process: let the others read first
+            deadline = time.monotonic() + 30
+            for other in set(range(1, state.num_processes)) - set(verdict["missing"]):
+                _wait_for(client, f"{key}/read/{other}", deadline)
+    else:
+        posted = _wait_for(client, f"{key}/verdict", time.monotonic() + timeout + 10)  # after process 0's deadline
+        if posted is None:
+            raise UserError(f"process 0 did not check the settings of this run within {timeout:g} s (it "
+                            f"stopped, see its output, or is still loading its data: raise --join-timeout); {SAME_COMMAND}")
+        client.key_value_set(f"{key}/read/{index}", "1")
+        verdict = json.loads(posted)
+    if str(index) in verdict["differ"]:
+        details = "; ".join(detail for _, detail in verdict["differ"][str(index)])
+        raise UserError(f"this process was started with other settings than process 0 ({details}); {SAME_COMMAND}")
+    if verdict["differ"]:
+        names = ", ".join(sorted({name for differences in verdict["differ"].values() for name, _ in differences}))
+        raise UserError(f"{_processes(verdict['differ'])} of this run started with other settings than process 0 "
+                        f"({names}); {SAME_COMMAND}")
+    if verdict["missing"]:
+        raise UserError(f"{_processes(verdict['missing'])} of this run did not reach the settings check within "
+                        f"{timeout:g} s (stopped, see its output, or still loading its data: raise --join-timeout); "
+                        f"{SAME_COMMAND}")
+
+
+def run_devices(requested: int | None) -> list:
+    """The devices a run splits its batches over: the first ``requested`` of all processes'
+    devices, or by default every device (one in a one-process CPU run). Raises
+    :class:`UserError` when fewer exist."""
+    import jax
+
+    from common.parallel import default_devices
+
+    devices = jax.devices()
+    if requested is None:
+        return default_devices()
+    if requested > len(devices):
+        raise UserError(f"--devices {requested}: only {len(devices)} device(s) here ({devices[0].platform})")
+    if jax.process_count() > 1 and requested != len(devices):
+        raise UserError(f"--devices {requested}: a multi-process run uses all {len(devices)} devices of its processes")
+    return devices[:requested]
