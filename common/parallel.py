@@ -72,8 +72,9 @@ def check_port_free(coordinator: str) -> None:
                 probe.bind((address, int(port)))
                 probe.listen(1)
             except OSError as err:
-                raise OSError(f"port {port} on {host.strip('[]')} is in use ({err.strerror}): "
-                              "give every process a --coordinator with a free port") from None
+                raise OSError(f"port {port} on {host.strip('[]')} is in use ({err.strerror}) by another program "
+                              "or another process 0 (is --process-id 0 given twice?): give every process a "
+                              "--coordinator with a free port") from None
         return
 
 

@@ -65,8 +65,12 @@ _interrupted = {"message": "interrupted"}
 
 
 def resumable_from(directory) -> None:
-    """From now on, Ctrl-C says that rerunning the same command resumes from ``directory``."""
-    _interrupted["message"] = f"interrupted: rerun the same command to resume from the checkpoints in {directory}"
+    """From now on, Ctrl-C says that rerunning the same command (on every process of a
+    multi-process run) resumes from ``directory``."""
+    import jax
+
+    who = "every process with the same command" if jax.process_count() > 1 else "the same command"
+    _interrupted["message"] = f"interrupted: rerun {who} to resume from the checkpoints in {directory}"
 
 
 def _flush_std_streams() -> None:

@@ -12,6 +12,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def start_parallel(parser, args) -> bool:
         raise UserError(f"cannot join {run}: {str(err).splitlines()[0]}") from None
     if not joined:
         return True
-    _joined.update(timeout=args.join_timeout, num_processes=args.num_processes, out=str(args.out))
+    _joined.update(timeout=args.join_timeout, num_processes=args.num_processes, out=str(Path(args.out).resolve()))
     _stop_on_lost_process()
     return joined_process_index() == 0
 
