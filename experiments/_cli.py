@@ -131,6 +131,8 @@ def run(
     except OSError as err:  # unreadable or unwritable paths (a file where --out wants a folder, ...)
         print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         _end(2, hard)
+    if hard:  # the work is done: a Ctrl-C during the interpreter's shutdown must not turn it into a kill
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(status or 0)
 
 

@@ -120,6 +120,17 @@ def test_ctrl_c_while_a_cli_starts_is_one_line_and_status_130(intel_npz, tmp_pat
         assert proc.returncode == 130 and lines == ["interrupted"], (delay, proc.returncode, proc.stderr[-2000:])
 
 
+def test_ctrl_c_after_the_work_is_done_leaves_the_status_alone():
+    """SIGINT while the interpreter shuts down after a finished command (here from an atexit
+    hook): the process still exits 0, not killed by the signal nor reported as interrupted."""
+    code = ("import atexit, os, signal\n"
+            "from experiments import _cli\n"
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+            "_cli.run(lambda argv: print('done'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "done\n" and proc.stderr == "", (proc.returncode, proc.stderr)
+
+
 def test_ctrl_c_in_process_is_still_system_exit_130(capsys, monkeypatch):
     """With an explicit argv (a caller in the same process), Ctrl-C and user errors raise
     SystemExit instead of ending the process."""
