@@ -42,6 +42,10 @@ class Npz:
         if not self.path.is_file():
             raise NpzError(f"{self.path}: no such file (expected {expected})")
         try:
+            with open(self.path, "rb") as f:
+                magic = f.read(6)
+            if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):  # neither a zip archive nor an .npy array
+                raise ValueError("not a zip archive, as an .npz is" if magic else "an empty file")
             data = np.load(self.path, allow_pickle=False)
         except _READ_ERRORS as err:
             raise NpzError(f"{self.path}: not a readable .npz ({_reason(err)}); expected {expected}", _reason(err)) from None

@@ -23,12 +23,15 @@ class UserError(Exception):
 
 class HelpFormatter(argparse.HelpFormatter):
     """Every option's help line ends with its default: ``(default: none)`` where there is none,
-    ``(default: off)`` for a switch; help that already names its default is left as it is."""
+    ``(default: off)`` for a switch, ``(required)`` for a required option; help that already names
+    its default is left as it is."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
+        if action.required:
+            return f"{text} (required)"
         if action.default is None:
             return f"{text} (default: none)"
         if action.default is False and action.nargs == 0:
@@ -193,6 +196,14 @@ def unit_interval(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
+
+
+def folder(text: str) -> Path:
+    """An output folder: one that exists, or a path where none does yet (not a file)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder (or a path where none exists yet)")
+    return path
 
 
 def positive_int(text: str) -> int:

@@ -5,22 +5,15 @@ holds the mechanism)."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import re
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
-
-import numpy as np
 
 from experiments._cli import UserError, positive_float, positive_int
 from experiments._xla import _cpu_only
 
-# The joined run's --join-timeout, --num-processes and --out (set by start_parallel, read by check_same_run).
-_joined = {"timeout": 300.0, "num_processes": None, "out": None}
 SAME_COMMAND = "start every process with the same command, only --process-id differing"
 
 
@@ -74,7 +67,6 @@ def start_parallel(parser, args) -> bool:
         raise UserError(f"cannot join {run}: {str(err).splitlines()[0]}") from None
     if not joined:
         return True
-    _joined.update(timeout=args.join_timeout, num_processes=args.num_processes, out=str(Path(args.out).resolve()))
     _stop_on_lost_process()
     return joined_process_index() == 0
 
@@ -107,35 +99,6 @@ def _stop_on_lost_process() -> None:
     sys.excepthook = excepthook
 
 
-def _digest(data) -> str:
-    """A SHA-1 of ``data``: arrays (dtype, shape, bytes), dataclasses, mappings, sequences, and
-    other values by ``repr``."""
-    digest = hashlib.sha1()
-
-    def feed(item) -> None:
-        if isinstance(item, np.ndarray):
-            digest.update(f"array{item.dtype}{item.shape}".encode())
-            digest.update(np.ascontiguousarray(item).tobytes())
-        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-            digest.update(type(item).__name__.encode())
-            for field in dataclasses.fields(item):
-                feed(getattr(item, field.name))
-        elif isinstance(item, Mapping):
-            digest.update(f"map{len(item)}".encode())
-            for key in sorted(item, key=repr):
-                feed(key)
-                feed(item[key])
-        elif isinstance(item, (list, tuple)):
-            digest.update(f"seq{len(item)}".encode())
-            for value in item:
-                feed(value)
-        else:
-            digest.update(f"{item!r}\0".encode())
-
-    feed(data)
-    return digest.hexdigest()
-
-
 def _wait_for(client, key: str, deadline: float) -> str | None:
     """The value of ``key`` in the coordination service's key-value store once a process posts it,
     or None at ``deadline``; polled from Python, so that Ctrl-C works while it waits."""
@@ -155,11 +118,11 @@ def _processes(indices) -> str:
     return f"process{'es' if len(indices) > 1 else ''} {', '.join(map(str, indices))}"
 
 
-def check_same_run(settings: dict, data) -> None:
+def check_same_run(args, settings: dict, data: dict[str, str]) -> None:
     """In a multi-process run, end every process with one line (:class:`UserError`) unless all were
-    started with the same ``settings`` (the resolved flags, --num-processes and --out: orbax writes
-    one checkpoint from all processes, and waits forever for a folder another --out never gets) and
-    read the same ``data`` (compared by :func:`_digest`): processes that differ would hang or fail in their first
+    started with the same ``settings`` (the resolved flags, with ``args``' --num-processes and --out:
+    orbax writes one checkpoint from all processes, and waits forever for a folder another --out
+    never gets) and read the same data (``data``: each split's :func:`experiments._training.fingerprint`): processes that differ would hang or fail in their first
     collective, or train different models in step. Each process posts both to the coordination
     service's key-value store; process 0 compares them with its own and posts the verdict, which
     the others wait for. The waits last at most ``--join-timeout`` seconds (a process that stopped
@@ -170,10 +133,10 @@ def check_same_run(settings: dict, data) -> None:
     if state.client is None:
         return
     client, index, key = state.client, state.process_id, "experiments/check_same_run"
-    mine = {**settings, "num_processes": _joined["num_processes"], "out": _joined["out"], "data": _digest(data)}
+    mine = {**settings, "num_processes": args.num_processes, "out": str(Path(args.out).resolve()), "data": data}
     mine = json.loads(json.dumps(mine, sort_keys=True, default=str))
     client.key_value_set(f"{key}/{index}", json.dumps(mine))
-    timeout = _joined["timeout"]
+    timeout = args.join_timeout
     if index == 0:
         deadline = time.monotonic() + timeout
         verdict = {"differ": {}, "missing": []}

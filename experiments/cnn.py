@@ -33,7 +33,7 @@ from experiments._training import Run, fingerprint, fit, metrics, progress_bar, 
 from experiments.configs import CNNConfig, resolved
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
-from experiments._cli import warn, ArgumentParser, UserError, add_run_options, logger, strict_json, positive_float, positive_int, resumable_from, run
+from experiments._cli import warn, ArgumentParser, UserError, folder, add_run_options, logger, strict_json, positive_float, positive_int, resumable_from, run
 
 
 DEFAULTS = CNNConfig()
@@ -43,20 +43,27 @@ def run_dir(out: Path, lr: float) -> Path:
     return out / f"lr_{lr:g}"
 
 
-def run_config(args, lr: float, splits) -> dict:
-    """What determines one learning rate's numbers (checked when a run resumes)."""
+def data_fingerprints(splits) -> dict[str, str]:
+    """Each split's :func:`fingerprint`, by split name."""
+    return {name: fingerprint(split.images, split.labels)
+            for name in ("train", "val", "test") if (split := getattr(splits, name)) is not None}
+
+
+def run_config(args, lr: float, data: dict[str, str]) -> dict:
+    """What determines one learning rate's numbers (checked when a run resumes); ``data``: the
+    splits' :func:`data_fingerprints`."""
     config = {"batch_norm": args.batch_norm, "lr": lr, "batch_size": args.batch_size, "seed": args.seed,
-              "impl": args.impl, "train_data": fingerprint(splits.train.images, splits.train.labels),
-              "val_data": fingerprint(splits.val.images, splits.val.labels)}
+              "impl": args.impl, "train_data": data["train"], "val_data": data["val"]}
     if args.pool != "average":
         config["pool"] = args.pool
     return config
 
 
-def make_run(args, lr: float, splits, devices, log) -> tuple[Run, Trainer]:
-    """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer."""
+def make_run(args, lr: float, data: dict[str, str], devices, log) -> tuple[Run, Trainer]:
+    """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer; ``data``:
+    the splits' :func:`data_fingerprints`."""
     trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, devices, impl=args.impl, pool=args.pool)
-    run = Run(run_dir(args.out, lr), run_config(args, lr, splits), trainer, kind="cnn", epochs=args.epochs,
+    run = Run(run_dir(args.out, lr), run_config(args, lr, data), trainer, kind="cnn", epochs=args.epochs,
               metric="val_acc", maximize=True, log=log, label=f"lr={lr:g} ")
     return run, trainer
 
@@ -134,7 +141,8 @@ def cmd_train(args, log) -> int:
     splits = load(args.data, tfds_dir=args.tfds_dir, log=log)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
         raise UserError(f"{args.data}: training needs non-empty train and val splits")
-    check_same_run(resolved(CNNConfig, args), splits)  # every process of a multi-process run alike
+    data = data_fingerprints(splits)
+    check_same_run(args, resolved(CNNConfig, args), data)  # every process of a multi-process run alike
     if args.batch_size > len(splits.train):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(splits.train)} training images of {args.data}")
     devices = run_devices(args.devices)
@@ -146,7 +154,11 @@ def cmd_train(args, log) -> int:
         f"images from {args.data}; batches split over {len(devices)} device(s) in {jax.process_count()} process(es); "
         f"out: {args.out}")
     log_duplicates(splits, warn)
-    made = [make_run(args, lr, splits, devices, log) for lr in args.lr]
+    others = sorted({d.name for d in args.out.glob("lr_*/") if d.is_dir()} - {run_dir(args.out, lr).name for lr in args.lr})
+    if others:
+        warn(f"note: {args.out} also holds {', '.join(others)} from another command; this command's metrics.json and "
+             f"plots cover --lr {' '.join(f'{lr:g}' for lr in args.lr)} only (pass every --lr to compare them all)")
+    made = [make_run(args, lr, data, devices, log) for lr in args.lr]
     runs, trainers = [run for run, _ in made], [trainer for _, trainer in made]
     resumable_from(args.out)
     validate = validation(trainers[0], splits)
@@ -259,7 +271,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="images a step (default: %(default)s)")
     parser.add_argument("--seed", type=seed, default=DEFAULTS.seed, help="seed of the initial parameters, batches and dropout (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help="results folder (default: runs/cnn or runs/cnn-bn)")
+    parser.add_argument("--out", type=folder, help="results folder (default: runs/cnn or runs/cnn-bn)")
     parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
     parser.add_argument("--vmap-sweep", action="store_true",
                         help="train all --lr values at once as one vmapped program (same batches and dropout keys)")

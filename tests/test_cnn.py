@@ -17,7 +17,7 @@ from cnn import CNN, CLASS_NAMES, IMPLS, DataError, Trainer, count_params, load,
 from cnn.xla_cpu.pool import max_pool_2x2
 from cnn.train import nll_loss
 from experiments import cnn as cnn_cli
-from tests.conftest import kill_at_saves_then_finish, run_cli, run_killed_at_save
+from tests.conftest import kill_at_saves_then_finish, run_cli, run_killed_at_save, slow
 
 
 def tiny_splits(n_train=48, n_val=16, n_test=16, seed=0):
@@ -81,7 +81,7 @@ def test_batch_norm_switch(impl):
     assert plain.fc1.kernel.shape == (4608, 1024) and normed.fc1.kernel.shape == (128, 1024)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [slow("reference"), "xla_cpu"])
 def test_train_mode_uses_dropout_and_batch_statistics(impl):
     model = CNN(True, rngs=nnx.Rngs(0), impl=impl)
     x = jnp.asarray(np.random.default_rng(1).random((4, 48, 48, 3)), jnp.float32)
@@ -97,7 +97,7 @@ def float64(tree):
     return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-@pytest.mark.parametrize("batch_norm, pool", [(False, "average"), (True, "average"), (True, "hopfield")],
+@pytest.mark.parametrize("batch_norm, pool", [(False, "average"), (True, "average"), slow(True, "hopfield")],
                          ids=["baseline", "BN", "BN, Hopfield pooling"])
 def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, batch_norm, pool):
     """reference and xla_cpu: the same parameter tree and initial values; the same log-probabilities
@@ -124,7 +124,7 @@ def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, batch_no
     chex.assert_trees_all_close(results["reference"], results["xla_cpu"], rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["reference", slow("xla_cpu")])
 def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path, impl):
     """A state saved by the other impl's trainer restores into this one's, same eval accuracy and loss."""
     from experiments._checkpoint import Checkpoints
@@ -296,8 +296,8 @@ def test_nll_loss_value():
     assert float(nll_loss(log_probs, jnp.array([0, 2]))) == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("batch_norm, impl", [slow(False, "reference"), (False, "xla_cpu"), slow(True, "reference"),
+                                             (True, "xla_cpu")])
 def test_few_steps_lower_the_loss(batch_norm, impl):
     data = tiny_splits(n_train=32)
     trainer = Trainer(batch_norm, lr=0.02, batch_size=8, seed=0, impl=impl)
@@ -442,7 +442,8 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
         strip = lambda h: [(e["train_loss"], e["val_acc"], e["val_loss"]) for e in h]
         assert strip(a["runs"][lr]["history"]) == strip(b["runs"][lr]["history"])
     assert selection(a) == selection(b) and a["test"] == b["test"]
-    assert a["params"] == 5_340_742
+    assert a["params"] == 5_340_742 and a["model"] == "baseline"
+    assert set(a) == {"part", "config", "model", "params", "devices", "processes", "runs", "selected", "test", "wall_s"}
     assert a["config"]["impl"] == "xla_cpu"  # --impl auto on a CPU
     for name in ("training_loss.png", "val_accuracy.png", "confusion_matrix.png"):
         assert (tmp_path / "a" / name).stat().st_size > 1000
@@ -452,6 +453,11 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
         cnn_cli.main([*common, "--epochs", "2", "--out", str(tmp_path / "a")])
     with pytest.raises(cnn_cli.UserError, match="other settings .*batch_norm: False"):
         cnn_cli.main([*common, "--epochs", "3", "--batch-norm", "--out", str(tmp_path / "a")])
+    capsys.readouterr()
+    # a rerun with part of the sweep says what its metrics.json leaves out
+    assert cnn_cli.main(["--data", str(tiny_npz), "--lr", "0.01", "--batch-size", "8", "--quiet", "--epochs", "3",
+                         "--out", str(tmp_path / "a")]) == 0
+    assert "also holds lr_0.05 from another command" in capsys.readouterr().err
 
     capsys.readouterr()
     test_only = tmp_path / "test_only.npz"
@@ -566,6 +572,7 @@ def test_vmapped_sweep_follows_the_sequential_runs(tiny_npz, tmp_path):
     assert seq["selected"]["run"] == vmap["selected"]["run"]
 
 
+@pytest.mark.slow
 def test_vmapped_step_of_the_bn_variant_matches_its_members():
     """One vmapped SGD step per member equals that member's own step: each member's parameter
     update (new - initial) agrees with its own to 1e-4 of the leaf's largest update (plus the

