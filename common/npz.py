@@ -39,12 +39,14 @@ class Npz:
 
     def __init__(self, path: str | Path, expected: str):
         self.path, self.expected = Path(path), expected
-        if not self.path.is_file():
+        if not self.path.exists():
             raise NpzError(f"{self.path}: no such file (expected {expected})")
+        if not self.path.is_file():
+            raise NpzError(f"{self.path}: not a regular file (expected {expected})")
         try:
             with open(self.path, "rb") as f:
                 magic = f.read(6)
-            if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):  # neither a zip archive nor an .npy array
+            if not (magic[:4] in (b"PK\x03\x04", b"PK\x05\x06") or magic == b"\x93NUMPY"):  # neither a zip nor an .npy
                 raise ValueError("not a zip archive, as an .npz is" if magic else "an empty file")
             data = np.load(self.path, allow_pickle=False)
         except _READ_ERRORS as err:

@@ -201,8 +201,9 @@ def unit_interval(text: str) -> float:
 def folder(text: str) -> Path:
     """An output folder: one that exists, or a path where none does yet (not a file)."""
     path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder (or a path where none exists yet)")
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise argparse.ArgumentTypeError(f"{blocked} is a file, expected a folder (or a path where none exists yet)")
     return path
 
 

@@ -219,7 +219,7 @@ def find_best_checkpoint(path: Path) -> Path:
             raise UserError(f"{path / 'metrics.json'} was written by an earlier version of this command; "
                             "train again into a new --out to evaluate with this version")
         if part != "cnn":
-            raise UserError(f"{path}: a {part} run, not a CNN one (expected a --out of python -m experiments.cnn)")
+            raise UserError(f"{path}: a {part.upper()} run, not a CNN one (expected a --out of python -m experiments.cnn)")
         selected = metrics.get("selected")
         checkpoint = selected.get("checkpoint") if isinstance(selected, dict) else None
         if not isinstance(checkpoint, str):
@@ -229,6 +229,10 @@ def find_best_checkpoint(path: Path) -> Path:
     if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):
         path = path / "best"
     if not (is_checkpoint_dir(path) or path.name == "best" and is_checkpoint_dir(path.parent / "ckpt")):
+        runs = sorted(d.name for d in path.glob("lr_*/") if d.is_dir())
+        if runs:  # a sweep's --out without metrics.json (stopped before the end): name its runs
+            raise UserError(f"{path}: no metrics.json to say which run was selected; pass one of its runs "
+                            f"({', '.join(str(path / r) for r in runs)})")
         raise UserError(f"{path}: no checkpoint here (expected a training --out, an lr_<lr> run or its best/ folder)")
     return path
 

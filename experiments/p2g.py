@@ -158,7 +158,7 @@ def resolve_checkpoint(path: Path) -> Path:
         metrics = read_json(path / "metrics.json", "the metrics.json of a training run")
         part = metrics.get("part") if isinstance(metrics, dict) else None
         if part not in (None, "p2g"):
-            raise UserError(f"{path}: a {part} run, not a P2G one (expected a --out of python -m experiments.p2g train)")
+            raise UserError(f"{path}: a {part.upper()} run, not a P2G one (expected a --out of python -m experiments.p2g train)")
     if any(path.glob("lr_*/ckpt")):
         raise UserError(f"{path}: a CNN run, not a P2G one (expected a --out of python -m experiments.p2g train)")
     if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):

@@ -360,6 +360,8 @@ def npz_faults(folder: Path) -> dict[str, Path]:
     files["empty"].write_bytes(b"")
     files["text"] = folder / "text.npz"
     files["text"].write_text("train_images,train_labels\n")
+    files["pk"] = folder / "pk.npz"
+    files["pk"].write_bytes(b"PKab")  # zip's first two bytes, no archive
     files["npy"] = folder / "plain.npz"
     with open(files["npy"], "wb") as f:
         np.save(f, data["train_images"])
@@ -668,12 +670,15 @@ def test_p2g_resumes_from_a_copy_of_its_data_elsewhere_but_not_with_another_vali
 def test_evaluate_names_a_run_of_another_part_or_version(intel_npz, tmp_path):
     from experiments import cnn as cnn_cli
 
-    for name, metrics, expected in (("p2g", {"part": "p2g", "selected": {"checkpoint": "runs/p2g/best"}}, "a p2g run"),
+    for name, metrics, expected in (("p2g", {"part": "p2g", "selected": {"checkpoint": "runs/p2g/best"}}, "a P2G run"),
                                     ("old", {"model": "baseline", "selected": {"lr": 0.01}}, "an earlier version")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
         with pytest.raises(_cli.UserError, match=expected):
             cnn_cli.main(["--evaluate", str(tmp_path / name), "--data", str(intel_npz), "--quiet"])
+    (tmp_path / "stopped" / "lr_0.01" / "ckpt").mkdir(parents=True)  # a sweep stopped before its metrics.json
+    with pytest.raises(_cli.UserError, match="no metrics.json to say which run was selected; pass one of its runs .*lr_0.01"):
+        cnn_cli.main(["--evaluate", str(tmp_path / "stopped"), "--data", str(intel_npz), "--quiet"])
 
 
 @pytest.mark.slow

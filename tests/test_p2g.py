@@ -513,8 +513,9 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, expected in (
         (["train", "--data-dir", str(tmp_path / "nowhere")], "no such directory"),
         (["test", "--checkpoint", str(tmp_path / "none")], "no such checkpoint"),
-        (["test", "--checkpoint", str(cnn_run)], "a cnn run, not a P2G one"),
+        (["test", "--checkpoint", str(cnn_run)], "a CNN run, not a P2G one"),
         (["train", "--out", str(cnn_run / "metrics.json")], "is a file, expected a folder"),
+        (["train", "--out", str(cnn_run / "metrics.json" / "sub")], "metrics.json is a file, expected a folder"),
         (["train", "--dropout", "1.5"], "--dropout"),
         (["train", "--dropout", "1"], "--dropout"),
         (["test", "--checkpoint", str(tmp_path), "--topp", "0"], "--topp"),
