@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from experiments._checkpoint import RunCheckpoints
-from experiments._cli import UserError, write_json
+from experiments._cli import UserError, read_json, write_json
 
 
 RECORDED_ONLY = {"data"}  # where the data came from: kept, not compared (its fingerprints say whether it is the same)
@@ -186,6 +186,21 @@ def metrics(part: str, config: dict, runs: dict[str, Run], selected: str | None,
     return {"part": part, "config": config, **extra, "runs": {name: run.meta for name, run in runs.items()},
             "selected": chosen, "test": test,
             "wall_s": sum(h["seconds"] for run in runs.values() for h in run.meta["history"])}
+
+
+def read_metrics(out: Path, part: str) -> dict | None:
+    """The ``metrics.json`` of the training folder ``out`` (None where it has none, ``{}`` where it
+    holds no object); :class:`UserError` where the other part's command wrote it."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return None
+    value = read_json(path, "the metrics.json of a training run")
+    value = value if isinstance(value, dict) else {}
+    other = value.get("part")
+    if other not in (None, part):
+        command = {"cnn": "python -m experiments.cnn", "p2g": "python -m experiments.p2g train"}[part]
+        raise UserError(f"{out}: a {str(other).upper()} run, not a {part.upper()} one (expected a --out of {command})")
+    return value
 
 
 def write_metrics(out: Path, value: dict) -> None:

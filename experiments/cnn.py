@@ -29,7 +29,7 @@ from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.parallel import is_main_process
 from experiments._checkpoint import BestCheckpoint, Checkpoints, is_checkpoint_dir
 from experiments._parallel import add_parallel_options, check_same_run, run_devices, start_parallel
-from experiments._training import Run, fingerprint, fit, metrics, progress_bar, select, write_metrics
+from experiments._training import Run, fingerprint, fit, metrics, progress_bar, read_metrics, select, write_metrics
 from experiments.configs import CNNConfig, resolved
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
@@ -49,21 +49,21 @@ def data_fingerprints(splits) -> dict[str, str]:
             for name in ("train", "val", "test") if (split := getattr(splits, name)) is not None}
 
 
-def run_config(args, lr: float, data: dict[str, str]) -> dict:
-    """What determines one learning rate's numbers (checked when a run resumes); ``data``: the
-    splits' :func:`data_fingerprints`."""
+def run_config(args, lr: float, fingerprints: dict[str, str]) -> dict:
+    """What determines one learning rate's numbers (checked when a run resumes); ``fingerprints``:
+    the splits' :func:`data_fingerprints`."""
     config = {"batch_norm": args.batch_norm, "lr": lr, "batch_size": args.batch_size, "seed": args.seed,
-              "impl": args.impl, "train_data": data["train"], "val_data": data["val"]}
+              "impl": args.impl, "train_data": fingerprints["train"], "val_data": fingerprints["val"]}
     if args.pool != "average":
         config["pool"] = args.pool
     return config
 
 
-def make_run(args, lr: float, data: dict[str, str], devices, log) -> tuple[Run, Trainer]:
-    """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer; ``data``:
-    the splits' :func:`data_fingerprints`."""
+def make_run(args, lr: float, fingerprints: dict[str, str], devices, log) -> tuple[Run, Trainer]:
+    """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer;
+    ``fingerprints``: the splits' :func:`data_fingerprints`."""
     trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, devices, impl=args.impl, pool=args.pool)
-    run = Run(run_dir(args.out, lr), run_config(args, lr, data), trainer, kind="cnn", epochs=args.epochs,
+    run = Run(run_dir(args.out, lr), run_config(args, lr, fingerprints), trainer, kind="cnn", epochs=args.epochs,
               metric="val_acc", maximize=True, log=log, label=f"lr={lr:g} ")
     return run, trainer
 
@@ -141,8 +141,8 @@ def cmd_train(args, log) -> int:
     splits = load(args.data, tfds_dir=args.tfds_dir, log=log)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
         raise UserError(f"{args.data}: training needs non-empty train and val splits")
-    data = data_fingerprints(splits)
-    check_same_run(args, resolved(CNNConfig, args), data)  # every process of a multi-process run alike
+    fingerprints = data_fingerprints(splits)
+    check_same_run(args, resolved(CNNConfig, args), fingerprints)  # every process of a multi-process run alike
     if args.batch_size > len(splits.train):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(splits.train)} training images of {args.data}")
     devices = run_devices(args.devices)
@@ -158,7 +158,7 @@ def cmd_train(args, log) -> int:
     if others:
         warn(f"note: {args.out} also holds {', '.join(others)} from another command; this command's metrics.json and "
              f"plots cover --lr {' '.join(f'{lr:g}' for lr in args.lr)} only (pass every --lr to compare them all)")
-    made = [make_run(args, lr, data, devices, log) for lr in args.lr]
+    made = [make_run(args, lr, fingerprints, devices, log) for lr in args.lr]
     runs, trainers = [run for run, _ in made], [trainer for _, trainer in made]
     resumable_from(args.out)
     validate = validation(trainers[0], splits)
@@ -210,16 +210,11 @@ def find_best_checkpoint(path: Path) -> Path:
     """A sweep's --out (its selected lr), a run directory lr_<lr>, or a checkpoint directory; a
     run's best/ even where it is missing or damaged, as long as its ckpt/ is there
     (:class:`BestCheckpoint` reads the best epoch from ckpt/ then)."""
-    from experiments._cli import read_json
-
-    if (path / "metrics.json").is_file():
-        metrics = read_json(path / "metrics.json", "the metrics.json of a training run")
-        part = metrics.get("part") if isinstance(metrics, dict) else None
-        if part is None:
+    metrics = read_metrics(path, "cnn")
+    if metrics is not None:
+        if metrics.get("part") is None:
             raise UserError(f"{path / 'metrics.json'} was written by an earlier version of this command; "
                             "train again into a new --out to evaluate with this version")
-        if part != "cnn":
-            raise UserError(f"{path}: a {part.upper()} run, not a CNN one (expected a --out of python -m experiments.cnn)")
         selected = metrics.get("selected")
         checkpoint = selected.get("checkpoint") if isinstance(selected, dict) else None
         if not isinstance(checkpoint, str):

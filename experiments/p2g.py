@@ -21,7 +21,7 @@ import numpy as np
 from common.parallel import is_main_process
 from experiments._checkpoint import BestCheckpoint, is_checkpoint_dir
 from experiments._parallel import add_parallel_options, check_same_run, run_devices, start_parallel
-from experiments._training import Run, fingerprint, fit, metrics, write_metrics
+from experiments._training import Run, fingerprint, fit, metrics, read_metrics, write_metrics
 from experiments.configs import P2GConfig, resolved
 from experiments._plots import pyplot
 from experiments._xla import choose_impl
@@ -68,8 +68,8 @@ def plot_history(history: list[dict], out: Path, title: str) -> None:
 
 def cmd_train(args, log) -> int:
     splits, source = load_splits(args.data_dir, args.seed, log)
-    data = {name: fingerprint([(p.phonemes, p.spelling) for p in pairs]) for name, pairs in splits.items()}
-    check_same_run(args, resolved(P2GConfig, args), data)  # every process of a multi-process run alike
+    fingerprints = {name: fingerprint([(p.phonemes, p.spelling) for p in pairs]) for name, pairs in splits.items()}
+    check_same_run(args, resolved(P2GConfig, args), fingerprints)  # every process of a multi-process run alike
     src_vocab = Vocab.build(p.phonemes for p in splits["train"])
     tgt_vocab = Vocab.build(p.spelling for p in splits["train"])
     all_pairs = [p for pairs in splits.values() for p in pairs]
@@ -84,7 +84,7 @@ def cmd_train(args, log) -> int:
         "data": source, "attention": {None: False, "bahdanau": True}.get(args.attn, args.attn), "hidden": args.hidden,
         "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "bucket": args.bucket,
         "src_vocab": list(src_vocab.symbols), "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width,
-        "tgt_width": tgt_width, "impl": args.impl, "train_data": data["train"], "val_data": data["valid"],
+        "tgt_width": tgt_width, "impl": args.impl, "train_data": fingerprints["train"], "val_data": fingerprints["valid"],
     }
     if args.attn == "hopfield":
         config["hopfield_steps"] = args.hopfield_steps
@@ -150,15 +150,9 @@ def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer
 def resolve_checkpoint(path: Path) -> Path:
     """A train --out folder (its best/, even where that is missing or damaged as long as ckpt/ is
     there) or a checkpoint folder."""
-    from experiments._cli import read_json
-
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
-    if (path / "metrics.json").is_file():
-        metrics = read_json(path / "metrics.json", "the metrics.json of a training run")
-        part = metrics.get("part") if isinstance(metrics, dict) else None
-        if part not in (None, "p2g"):
-            raise UserError(f"{path}: a {part.upper()} run, not a P2G one (expected a --out of python -m experiments.p2g train)")
+    read_metrics(path, "p2g")  # a one-line error where the CNN's command wrote it
     if any(path.glob("lr_*/ckpt")):
         raise UserError(f"{path}: a CNN run, not a P2G one (expected a --out of python -m experiments.p2g train)")
     if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):

@@ -18,7 +18,7 @@ import pytest
 
 from common.parallel import batch_sharding, data_mesh, global_batch, in_process_collectives, local_rows, to_host
 from experiments._checkpoint import Checkpoints
-from tests.conftest import ROOT
+from tests.conftest import ROOT, slow
 from tests.test_cnn import tiny_splits
 from tests.test_p2g import synthetic_pairs
 
@@ -37,7 +37,7 @@ def test_a_global_batch_is_the_host_batch_split_along_data():
         local_rows(sharding, 7)
 
 
-@pytest.mark.parametrize("batch_norm", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["baseline", "batch norm"])
+@pytest.mark.parametrize("batch_norm", [False, slow(True)], ids=["baseline", "batch norm"])
 def test_a_cnn_step_on_two_devices_equals_one_device(batch_norm):
     """Dropout on, BatchNorm statistics over the global batch: splitting a batch of 16 over two
     devices changes only rounding. One step is compared: a few steps of SGD on tiny data amplify
