@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import secrets
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,6 +65,38 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed
 
 
+class _FailedReadLeftovers(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for the reads of a restore that failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+def quiet_failed_reads() -> None:
+    """When one array of a restore cannot be read, orbax gives up and closes the event loop it ran
+    the restore in, while tensorstore is still completing the other reads: each of them then
+    printed an "Event loop is closed" traceback (through ``sys.unraisablehook``, from tensorstore's
+    threads, at any moment after) or an asyncio "Task exception was never retrieved" log, after
+    the one line that reports the damaged step. Those, and only those, are dropped; installed by
+    :func:`run` before the first read because they can come before the failure reaches the caller."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable) -> None:
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and frames and frames[0].name == "call_soon_threadsafe"):
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReadLeftovers) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_FailedReadLeftovers())
+
+
 # What Ctrl-C prints: a training command that has written checkpoints says how to resume.
 _interrupted = {"message": "interrupted"}
 
@@ -113,14 +147,17 @@ def run(
     main: Callable[[Sequence[str] | None], int | None],
     argv: Sequence[str] | None = None,
     user_errors: tuple[type[Exception], ...] = (),
+    hints: dict[type[Exception], str] | None = None,
 ) -> None:
     """Call ``main(argv)`` and exit with its status; user errors (:class:`UserError` and the
-    library's own data errors in ``user_errors``) and Ctrl-C become one line (status 2 and 130).
+    library's own data errors in ``user_errors``) and Ctrl-C become one line (status 2 and 130);
+    ``hints`` adds, to an error of one of its types, what to do about it (the flags to use).
 
     With ``argv`` None (the process's own command line) Ctrl-C and errors end the process without
     the interpreter's shutdown (:func:`_on_sigint`, :func:`_end`); with an explicit ``argv`` (a
     caller in the same process, a test) they raise ``SystemExit`` as usual."""
     hard = argv is None
+    quiet_failed_reads()
     if hard:
         signal.signal(signal.SIGINT, _on_sigint)
     try:
@@ -129,7 +166,8 @@ def run(
         print(_interrupted["message"], file=sys.stderr)
         _end(130, hard)
     except (UserError, *user_errors) as err:
-        print(f"error: {err}", file=sys.stderr)
+        hint = next((text for kind, text in (hints or {}).items() if isinstance(err, kind)), None)
+        print(f"error: {err}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         _end(2, hard)
     except OSError as err:  # unreadable or unwritable paths (a file where --out wants a folder, ...)
         print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
@@ -137,6 +175,14 @@ def run(
     if hard:  # the work is done: a Ctrl-C during the interpreter's shutdown must not turn it into a kill
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(status or 0)
+
+
+def checkpoint_hints() -> dict[type[Exception], str]:
+    """What the training commands add to a checkpoint error's line: the flags that get past it."""
+    from experiments._checkpoint import CheckpointError, EarlierLayout, FolderInUse
+
+    return {FolderInUse: "wait for it to end or choose another --out", EarlierLayout: "train into a new --out",
+            CheckpointError: "remove the folder or choose another --out"}
 
 
 def warn(message: str) -> None:

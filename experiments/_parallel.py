@@ -5,61 +5,42 @@ holds the mechanism)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
 import time
-from pathlib import Path
 
-from experiments._cli import UserError, positive_float, positive_int
+from experiments._cli import UserError
 from experiments._xla import _cpu_only
 
 SAME_COMMAND = "start every process with the same command, only --process-id differing"
 
 
-def add_parallel_options(parser) -> None:
-    """``--devices`` and the three multi-process flags of both training CLIs."""
-    parser.add_argument("--devices", type=positive_int,
-                        help="split each batch over this many devices (default: every accelerator of every "
-                             "process; one device in a one-process CPU run)")
-    parser.add_argument("--coordinator", metavar="HOST:PORT",
-                        help="multi-process run: process 0's address, the same on every process (default: none; "
-                             "where JAX detects a cluster, SLURM, Open MPI or a TPU slice, it finds it itself)")
-    parser.add_argument("--num-processes", type=positive_int, help="multi-process run: how many processes (default: none)")
-    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index, 0..N-1 (default: none)")
-    parser.add_argument("--join-timeout", type=positive_float, default=300, metavar="SECONDS",
-                        help="multi-process run: how long a process waits for the others to join, and then to "
-                             "reach the check that all were started alike (default: %(default)s)")
-
-
-def start_parallel(parser, args) -> bool:
-    """Check the parallel flags, join the processes (:func:`common.parallel.initialize`) and, on a
-    CPU, ask for ``--devices`` host devices; returns whether this process is the one that logs
-    (process 0, or a one-process run), found without starting a backend. Must run before the
-    first computation. In a multi-process run, a failed collective later ends this process with
-    one line (:func:`_stop_on_lost_process`)."""
+def start_parallel(config) -> bool:
+    """Join the processes of ``config`` (:func:`common.parallel.initialize`) and, on a CPU, ask for
+    ``config.devices`` host devices; returns whether this process is the one that logs (process
+    0, or a one-process run), found without starting a backend. Must run before the first
+    computation. In a multi-process run, a failed collective later ends this process with one
+    line (:func:`_stop_on_lost_process`)."""
     import os
 
-    from common.parallel import JoinTimeout, check_process_flags, initialize, joined_process_index
+    from common.parallel import JoinTimeout, initialize, joined_process_index
 
-    try:
-        check_process_flags(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.devices and args.devices > 1 and args.coordinator is None and _cpu_only():
+    if config.devices and config.devices > 1 and config.coordinator is None and _cpu_only():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if args.devices > cores:
-            parser.error(f"--devices {args.devices} needs as many CPU cores, this process may use {cores} "
-                         "(XLA:CPU host devices beyond the cores deadlock in their all-reduce)")
+        if config.devices > cores:
+            raise UserError(f"--devices {config.devices} needs as many CPU cores, this process may use {cores} "
+                            "(XLA:CPU host devices beyond the cores deadlock in their all-reduce)")
         import jax
 
         try:
-            jax.config.update("jax_num_cpu_devices", args.devices)
+            jax.config.update("jax_num_cpu_devices", config.devices)
         except RuntimeError:  # the backend is up already (a call from Python): its devices are used
             pass
-    run = f"the multi-process run at {args.coordinator}" if args.coordinator else "the cluster JAX detected"
+    run = f"the multi-process run at {config.coordinator}" if config.coordinator else "the cluster JAX detected"
     try:
-        joined = initialize(args.coordinator, args.num_processes, args.process_id, args.join_timeout)
+        joined = initialize(config.coordinator, config.num_processes, config.process_id, config.join_timeout)
     except JoinTimeout as err:  # a process missing, or started with another --coordinator or --num-processes
         raise UserError(f"cannot join {run}: {err}; check that every process was started with the same "
                         "--coordinator and --num-processes, and a --process-id of its own") from None
@@ -118,11 +99,10 @@ def _processes(indices) -> str:
     return f"process{'es' if len(indices) > 1 else ''} {', '.join(map(str, indices))}"
 
 
-def check_same_run(args, settings: dict, data: dict[str, str]) -> None:
+def check_same_run(config, data: dict[str, str]) -> None:
     """In a multi-process run, end every process with one line (:class:`UserError`) unless all were
-    started with the same ``settings`` (the resolved flags, with ``args``' --num-processes and --out:
-    orbax writes one checkpoint from all processes, and waits forever for a folder another --out
-    never gets) and read the same data (``data``: each split's :func:`experiments._training.fingerprint`): processes that differ would hang or fail in their first
+    started with the same ``config`` (but --process-id; --out too: orbax writes one checkpoint
+    from all processes, and waits forever for a folder another --out never gets) and read the same data (``data``: each split's :func:`experiments._training.fingerprint`): processes that differ would hang or fail in their first
     collective, or train different models in step. Each process posts both to the coordination
     service's key-value store; process 0 compares them with its own and posts the verdict, which
     the others wait for. The waits last at most ``--join-timeout`` seconds (a process that stopped
@@ -133,10 +113,11 @@ def check_same_run(args, settings: dict, data: dict[str, str]) -> None:
     if state.client is None:
         return
     client, index, key = state.client, state.process_id, "experiments/check_same_run"
-    mine = {**settings, "num_processes": args.num_processes, "out": str(Path(args.out).resolve()), "data": data}
+    mine = {**dataclasses.asdict(config), "process_id": None, "quiet": None, "out": str(config.workdir.resolve()),
+            "data": data}
     mine = json.loads(json.dumps(mine, sort_keys=True, default=str))
     client.key_value_set(f"{key}/{index}", json.dumps(mine))
-    timeout = args.join_timeout
+    timeout = config.join_timeout
     if index == 0:
         deadline = time.monotonic() + timeout
         verdict = {"differ": {}, "missing": []}

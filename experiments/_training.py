@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments._checkpoint import RunCheckpoints
+from experiments._checkpoint import Checkpoints, EarlierLayout
 from experiments._cli import UserError, read_json, write_json
 
 
@@ -43,7 +43,9 @@ class Run:
         config = {"kind": kind, **config}
         self.meta = self._fresh = {"config": config, "history": [], "diverged": False, "best_epoch": None,
                                    f"best_{metric}": None}
-        self.checkpoints = RunCheckpoints(self.directory)
+        if (self.directory / "best").is_dir():
+            raise EarlierLayout(self.directory, "written by an earlier version (a best/ folder beside ckpt/)")
+        self.checkpoints = Checkpoints(self.directory / "ckpt", lock=True)
         self.state = trainer.init_state()
 
         def check(meta: dict) -> None:
@@ -61,7 +63,7 @@ class Run:
 
         resumed = self.checkpoints.resume(trainer.abstract_state(), check, log)
         if resumed is not None:
-            self.state, self.meta = resumed
+            _, self.state, self.meta = resumed
             log(f"{self.label}resuming after epoch {self.epochs_done}")
 
     @property
@@ -88,7 +90,7 @@ class Run:
         if epochs == 0:
             self.state, self.meta = trainer.init_state(), dict(self._fresh, history=[])
         else:
-            self.state, self.meta = self.checkpoints.latest.restore(trainer.abstract_state(), epochs - 1)
+            self.state, self.meta = self.checkpoints.restore(trainer.abstract_state(), epochs - 1)
         self.log(f"{self.label}going back to epoch {epochs}, where the other runs stopped")
 
     def end_epoch(self, epoch: int, state, train_loss: float, seconds: float, validate: Callable[[Any], dict]) -> dict:
@@ -110,7 +112,8 @@ class Run:
             self.meta["best_epoch"], self.meta[f"best_{self.metric}"] = epoch + 1, record[self.metric]
         if not finite:
             self.meta["diverged"] = True
-        self.checkpoints.save_epoch(epoch, state, self.meta, best=improved)
+        score = record[self.metric] * (1 if self.maximize else -1) if finite else None
+        self.checkpoints.save(epoch, state, self.meta, score)
         if not finite:
             self.log(f"{self.label}epoch {epoch + 1}: training loss {train_loss}, {self.metric} "
                      f"{val.get(self.metric)}; this run diverged, stopping it")
@@ -121,12 +124,10 @@ class Run:
         return record
 
     def summary(self) -> str:
-        """One line: the best epoch and value, divergence, and a best/ that could not be rebuilt."""
+        """One line: the best epoch and value, and divergence."""
         if self.meta["diverged"] and self.meta["best_epoch"] is None:
             return f"{self.label}diverged"
         note = " (then diverged)" if self.meta["diverged"] else ""
-        if self.checkpoints.problem:
-            note += f"; warning: {self.checkpoints.problem}"
         return f"{self.label}best {self.metric.replace('_', ' ')} {self.best:.4f} at epoch {self.meta['best_epoch']}{note}"
 
     def close(self) -> None:
@@ -181,8 +182,8 @@ def metrics(part: str, config: dict, runs: dict[str, Run], selected: str | None,
     chosen = None
     if selected is not None:
         run = runs[selected]
-        chosen = {"run": selected, "epoch": run.meta["best_epoch"], "checkpoint": str(run.directory / "best"),
-                  "val": run.meta["history"][run.meta["best_epoch"] - 1], "problem": run.checkpoints.problem}
+        chosen = {"run": selected, "epoch": run.meta["best_epoch"], "checkpoint": str(run.directory / "ckpt"),
+                  "val": run.meta["history"][run.meta["best_epoch"] - 1]}
     return {"part": part, "config": config, **extra, "runs": {name: run.meta for name, run in runs.items()},
             "selected": chosen, "test": test,
             "wall_s": sum(h["seconds"] for run in runs.values() for h in run.meta["history"])}

