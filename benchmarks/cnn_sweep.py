@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     images = rng.integers(0, 256, (n, 48, 48, 3), dtype=np.uint8)
     labels = rng.integers(0, 6, n).astype(np.int32)
 
-    sweep = SweepTrainer(args.batch_norm, args.lr, args.batch_size, impl="xla_cpu")
+    sweep = SweepTrainer([Trainer(args.batch_norm, lr, args.batch_size, impl="xla_cpu") for lr in args.lr])
     x, y = sweep.members[0].put(images), sweep.members[0].put(labels)
     state = [sweep.stack([m.init_state() for m in sweep.members])]
 

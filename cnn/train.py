@@ -16,8 +16,6 @@ any number of devices or processes, repeats an uninterrupted one-device run.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -26,8 +24,9 @@ import optax
 from flax import nnx
 
 from cnn.model import CNN, NUM_CLASSES
-from common.batching import epoch_batches, epoch_key, step_key
-from common.parallel import batch_sharding, data_mesh, default_devices, in_process_collectives, global_batch, put_replicated, replicated, to_host
+from common.batching import epoch_batches
+from common.parallel import batch_sharding, data_mesh, default_devices, in_process_collectives, put_replicated, replicated, to_host
+from common.training import TrainState, abstract_state, init_state, run_epoch, stack, member, train_step
 
 
 def donated_state(devices) -> tuple[int, ...]:
@@ -35,13 +34,6 @@ def donated_state(devices) -> tuple[int, ...]:
     a CPU, where XLA:CPU copied the baseline's 19 MB ``fc1`` kernel every step when it was donated
     (docs/performance.md)."""
     return () if devices[0].platform == "cpu" else (0,)
-
-
-class TrainState(NamedTuple):
-    params: Any  # nnx.State of nnx.Param
-    stats: Any  # nnx.State of nnx.BatchStat (empty for the baseline)
-    opt_state: Any  # optax.inject_hyperparams(sgd) state: the learning rate is a leaf
-    step: jax.Array  # () int32, steps taken since the start of training
 
 
 def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -82,21 +74,18 @@ class Trainer:
         self.eval_graph, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
         self._init = (params, stats)
         self.donate = donated_state(devices)  # the jitted steps' donate_argnums, SweepTrainer's too
+        self.train_step = train_step(self._loss, self.tx, seed)
         self._train_step = jax.jit(self.train_step, donate_argnums=self.donate, out_shardings=self.replicated)
         self._evaluate = jax.jit(self._evaluate_impl, static_argnames="batch", out_shardings=self.replicated)
 
     # -- state -------------------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
-        params, stats = self._init
-        state = TrainState(params, stats, self.tx.init(params), jnp.int32(0))
-        return jax.device_put(state, self.replicated)
+        return init_state(*self._init, self.tx, self.replicated)
 
     def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and shardings of the state (what orbax restores into, on this run's mesh,
-        whatever mesh wrote the checkpoint)."""
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
-                            jax.eval_shape(self.init_state))
+        """Shapes, dtypes and shardings of the state (:func:`common.training.abstract_state`)."""
+        return abstract_state(self.init_state, self.replicated)
 
     def model(self, state: TrainState, train: bool = False) -> CNN:
         """A live NNX model holding ``state``'s arrays (eval mode unless ``train``)."""
@@ -104,20 +93,12 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------
 
-    def _loss(self, params, stats, images, labels, key):
+    def _loss(self, params, stats, batch: dict, key):
+        """Mean NLL of ``batch`` (``images`` (B,48,48,3) uint8, ``labels`` (B,)) in training mode
+        (dropout from ``key``, BatchNorm on the batch's statistics) -> (loss, updated statistics)."""
         model = nnx.merge(self.train_graph, params, stats, copy=True)
-        log_probs = model(pixels(images), rngs=nnx.Rngs(dropout=key))
-        return nll_loss(log_probs, labels), nnx.state(model, nnx.BatchStat)
-
-    def train_step(self, state: TrainState, batch: dict, epoch) -> tuple[TrainState, jax.Array]:
-        """One SGD step (pure; jitted as ``_train_step``) on ``batch`` (``images`` (B,48,48,3)
-        uint8, ``labels`` (B,)) of ``epoch`` (a () int32) -> (state, loss)."""
-        key = step_key(epoch_key(self.seed, epoch), state.step)
-        (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            state.params, state.stats, batch["images"], batch["labels"], key)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, stats, opt_state, state.step + 1), loss
+        log_probs = model(pixels(batch["images"]), rngs=nnx.Rngs(dropout=key))
+        return nll_loss(log_probs, batch["labels"]), nnx.state(model, nnx.BatchStat)
 
     def epoch_batches(self, n: int, epoch: int) -> np.ndarray:
         """(ceil(n / B), B) example indices of ``epoch`` (:func:`common.batching.epoch_batches`)."""
@@ -131,20 +112,11 @@ class Trainer:
         return state, float(losses)
 
     def run_epoch(self, step, state, images, labels, epoch: int, progress=None):
-        """Call ``step(state, batch, epoch) -> (state, loss)`` on each global batch of ``epoch``;
+        """:func:`common.training.run_epoch` of ``step`` over ``epoch``'s batches of the host arrays;
         returns (state, the mean of the losses over the batches, as a host array)."""
         images, labels = to_host(images), to_host(labels).astype(np.int32)
-        epoch_ = put_replicated(self.mesh, np.int32(epoch))
-        losses = []
-        for index in self.epoch_batches(len(labels), epoch):
-            batch = global_batch(self.batch_sharding, {"images": images[index], "labels": labels[index]})
-            state, loss = step(state, batch, epoch_)
-            if self.wait_each_step:
-                loss.block_until_ready()
-            losses.append(loss)
-            if progress is not None:
-                progress(1)
-        return state, to_host(jnp.mean(jnp.stack(losses), axis=0))
+        batches = ({"images": images[index], "labels": labels[index]} for index in self.epoch_batches(len(labels), epoch))
+        return run_epoch(step, state, batches, epoch, self.batch_sharding, self.wait_each_step, progress)
 
     def put(self, array: np.ndarray) -> jax.Array:
         """Place a host array, held in full by every process, on every device (evaluation data)."""
@@ -185,30 +157,20 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, classes: int = NUM_C
 
 class SweepTrainer:
     """Several learning rates trained as one program: ``jax.vmap`` of the ordinary
-    :meth:`Trainer.train_step` over a leading axis of the state, whose learning rate is a leaf
-    (``optax.inject_hyperparams``). Every member sees the same batches and dropout keys as its own
-    :class:`Trainer` would (same seed, same initial parameters), so a member's trajectory is the
-    one its sequential run takes, up to floating-point reassociation. ``members[i]`` is the plain
-    trainer of ``lrs[i]`` (initial state, evaluation, checkpoint shapes).
+    :meth:`Trainer.train_step` over a leading axis of the state (:func:`common.training.stack`),
+    whose learning rate is a leaf (``optax.inject_hyperparams``). ``members``: the plain trainers
+    of the learning rates (same model, batch size, seed and devices), whose states are stacked.
+    Every member sees the same batches and dropout keys as it does alone, so a member's trajectory
+    is the one its sequential run takes, up to floating-point reassociation.
     """
 
-    def __init__(self, batch_norm: bool, lrs, batch_size: int, seed: int = 0, devices=None, impl: str = "reference",
-                 pool: str = "average"):
-        self.lrs = tuple(float(lr) for lr in lrs)
-        self.members = [Trainer(batch_norm, lr, batch_size, seed, devices, impl, pool) for lr in self.lrs]
+    def __init__(self, members: list[Trainer]):
+        self.members = list(members)
         lead = self.members[0]
-        self.replicated = lead.replicated
         step = jax.vmap(lead.train_step, in_axes=(0, None, None))
         self._train_step = jax.jit(step, donate_argnums=lead.donate, out_shardings=lead.replicated)
 
-    @staticmethod
-    def stack(states: list[TrainState]) -> TrainState:
-        """L member states -> one state whose leaves have a leading axis of size L."""
-        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-
-    @staticmethod
-    def member(state: TrainState, i: int) -> TrainState:
-        return jax.tree.map(lambda leaf: leaf[i], state)
+    stack, member = staticmethod(stack), staticmethod(member)
 
     def train_epoch(self, state: TrainState, images, labels, epoch: int, progress=None):
         """One epoch for every member at once -> (state, (L,) mean training losses)."""

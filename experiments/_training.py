@@ -46,6 +46,7 @@ class Run:
         if (self.directory / "best").is_dir():
             raise EarlierLayout(self.directory, "written by an earlier version (a best/ folder beside ckpt/)")
         self.checkpoints = Checkpoints(self.directory / "ckpt", lock=True)
+        self.trainer = trainer  # its init_state() and abstract_state() give the state's shapes
         self.state = trainer.init_state()
 
         def check(meta: dict) -> None:
@@ -82,15 +83,15 @@ class Run:
     def improves(self, value: float) -> bool:
         return self.best is None or (value > self.best if self.maximize else value < self.best)
 
-    def rewind(self, epochs: int, trainer) -> None:
+    def rewind(self, epochs: int) -> None:
         """Go back to the end of epoch ``epochs`` (<= :attr:`epochs_done`; the checkpoint of the epoch
         before the last is kept for this), e.g. to line up the runs of a vmapped sweep."""
         if epochs == self.epochs_done:
             return
         if epochs == 0:
-            self.state, self.meta = trainer.init_state(), dict(self._fresh, history=[])
+            self.state, self.meta = self.trainer.init_state(), dict(self._fresh, history=[])
         else:
-            self.state, self.meta = self.checkpoints.restore(trainer.abstract_state(), epochs - 1)
+            self.state, self.meta = self.checkpoints.restore(self.trainer.abstract_state(), epochs - 1)
         self.log(f"{self.label}going back to epoch {epochs}, where the other runs stopped")
 
     def end_epoch(self, epoch: int, state, train_loss: float, seconds: float, validate: Callable[[Any], dict]) -> dict:
@@ -152,17 +153,35 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, disable=None if jax.process_index() == 0 else True)
 
 
-def fit(run: Run, train_epoch: Callable, validate: Callable[[Any], dict], steps: int) -> None:
-    """Train ``run`` from its first missing epoch to its last: ``train_epoch(state, epoch,
-    progress) -> (state, mean training loss)`` with a progress bar of ``steps`` steps, then
-    :meth:`Run.end_epoch`; stops early when the run diverges."""
-    for epoch in range(run.epochs_done, run.epochs):
-        tick = time.perf_counter()
-        with progress_bar(steps, f"{run.label}epoch {epoch + 1}/{run.epochs}") as bar:
-            state, train_loss = train_epoch(run.state, epoch, bar.update)
-        run.end_epoch(epoch, state, train_loss, time.perf_counter() - tick, validate)
-        if run.finished:
+def fit(runs: list[Run], train_epoch: Callable, validate: Callable[[Any], dict], steps: int) -> None:
+    """The epoch loop: train the unfinished ``runs`` together from their first missing epoch to
+    their last, with a progress bar of ``steps`` steps an epoch, then :meth:`Run.end_epoch` for
+    each. One run: ``train_epoch(state, epoch, progress) -> (state, mean training loss)``; several
+    (a vmapped sweep): the same over their stacked states (:func:`common.training.stack`) with (L,)
+    losses, a member that diverges carried along, ignored, and runs that stopped at different
+    epochs (killed between two members' saves) rewound to the latest epoch all reached. Each
+    record's ``seconds`` is the epoch's time shared out among the runs trained in it."""
+    from common.training import member, stack
+
+    runs = [run for run in runs if not run.finished]
+    if not runs:
+        return
+    start = min(run.epochs_done for run in runs)
+    for run in runs:
+        run.rewind(start)
+    together = len(runs) > 1
+    state = stack([run.state for run in runs]) if together else runs[0].state
+    for epoch in range(start, runs[0].epochs):
+        live = [k for k, run in enumerate(runs) if not run.finished]
+        if not live:
             break
+        tick = time.perf_counter()
+        with progress_bar(steps, f"{'lr sweep ' if together else runs[0].label}epoch {epoch + 1}/{runs[0].epochs}") as bar:
+            state, losses = train_epoch(state, epoch, bar.update)
+        seconds = (time.perf_counter() - tick) / len(live)
+        for k in live:
+            runs[k].end_epoch(epoch, member(state, k) if together else state, float(np.atleast_1d(losses)[k]),
+                              seconds, validate)
 
 
 def select(runs: dict[str, Run]) -> str | None:

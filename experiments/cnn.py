@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +29,7 @@ from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.parallel import is_main_process
 from experiments._checkpoint import CheckpointError, Checkpoints, is_checkpoint_dir
 from experiments._parallel import check_same_run, run_devices, start_parallel
-from experiments._training import Run, fingerprint, fit, metrics, progress_bar, read_metrics, select, write_metrics
+from experiments._training import Run, fingerprint, fit, metrics, read_metrics, select, write_metrics
 from experiments.configs import CNNConfig, add_flags, from_args, recorded
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
@@ -77,42 +76,21 @@ def validation(trainer: Trainer, splits) -> Callable:
     return validate
 
 
-def train_sequentially(run: Run, trainer: Trainer, splits, validate) -> None:
-    """One learning rate at a time: a jitted SGD step per batch."""
+def train(runs: list[Run], trainers: list[Trainer], splits, validate, vmapped: bool, log) -> None:
+    """Every unfinished learning rate: one run at a time, or all as one vmapped program."""
     images, labels = splits.train.images, splits.train.labels
-    fit(run, lambda state, epoch, progress: trainer.train_epoch(state, images, labels, epoch, progress), validate,
-        steps=math.ceil(len(splits.train) / trainer.batch_size))
-
-
-def train_vmapped(runs: list[Run], trainers: list[Trainer], splits, validate, log) -> None:
-    """Every unfinished learning rate as one vmapped program (``--vmap-sweep``); a member that
-    diverges is carried along, ignored. Runs that stopped at different epochs (a sweep killed
-    between two members' saves) go back to the latest epoch all of them reached. Each record's
-    ``seconds`` is the epoch's time shared out equally among the members trained in it."""
-    todo = [i for i, run in enumerate(runs) if not run.finished]
-    if not todo:
+    steps = math.ceil(len(splits.train) / trainers[0].batch_size)
+    if not vmapped:
+        for run, trainer in zip(runs, trainers):
+            fit([run], lambda state, epoch, progress, t=trainer: t.train_epoch(state, images, labels, epoch, progress),
+                validate, steps)
         return
-    common = min(runs[i].epochs_done for i in todo)
-    for i in todo:
-        runs[i].rewind(common, trainers[i])
-    members = [runs[i] for i in todo]
-    args_lrs = [trainers[i].lr for i in todo]
-    lead = trainers[todo[0]]
-    sweep = SweepTrainer(lead.batch_norm, args_lrs, lead.batch_size, lead.seed, list(lead.mesh.devices.flat),
-                         lead.impl, lead.pool)
-    state = sweep.stack([run.state for run in members])
-    steps = math.ceil(len(splits.train) / lead.batch_size)
-    log(f"training lr={', '.join(f'{lr:g}' for lr in args_lrs)} as one vmapped program")
-    for epoch in range(common, members[0].epochs):
-        live = [k for k, run in enumerate(members) if not run.finished]
-        if not live:
-            break
-        tick = time.perf_counter()
-        with progress_bar(steps, f"lr sweep epoch {epoch + 1}/{members[0].epochs}") as bar:
-            state, losses = sweep.train_epoch(state, splits.train.images, splits.train.labels, epoch, bar.update)
-        seconds = (time.perf_counter() - tick) / len(live)
-        for k in live:
-            members[k].end_epoch(epoch, sweep.member(state, k), float(losses[k]), seconds, validate)
+    todo = [k for k, run in enumerate(runs) if not run.finished]
+    if todo:
+        sweep = SweepTrainer([trainers[k] for k in todo])
+        log(f"training lr={', '.join(f'{trainers[k].lr:g}' for k in todo)} as one vmapped program")
+        fit([runs[k] for k in todo], lambda state, epoch, progress: sweep.train_epoch(state, images, labels, epoch, progress),
+            validate, steps)
 
 
 def is_cnn_run(directory) -> Callable[[dict], None]:
@@ -162,14 +140,9 @@ def cmd_train(config: CNNConfig, log) -> int:
     runs, trainers = [run for run, _ in made], [trainer for _, trainer in made]
     resumable_from(out)
     validate = validation(trainers[0], splits)
-    if config.vmap_sweep:
-        train_vmapped(runs, trainers, splits, validate, log)
-    else:
-        for run, trainer in made:
-            if not run.finished:
-                train_sequentially(run, trainer, splits, validate)
-    for run in runs:
-        run.close()
+    train(runs, trainers, splits, validate, config.vmap_sweep, log)
+    for each in runs:
+        each.close()
     by_name = {f"{run.meta['config']['lr']:g}": run for run in runs}
     chosen = select(by_name)
     test = None

@@ -113,7 +113,7 @@ def cmd_train(config: P2GConfig, log) -> int:
     described = {"model": {None: "no_attention", "bahdanau": "bahdanau_attention"}.get(config.attn, "hopfield_attention"),
                  "params": sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state().params)),
                  "devices": len(devices), "processes": jax.process_count()}
-    fit(run, lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
+    fit([run], lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
         steps=math.ceil(len(train) / config.batch_size))
     run.close()
     if run.best is None:

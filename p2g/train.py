@@ -18,16 +18,15 @@ devices or processes, repeats an uninterrupted one-device run.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from common.batching import bucketed_batches, epoch_key, step_key
-from common.parallel import batch_sharding, data_mesh, global_batch, in_process_collectives, put_replicated, replicated, to_host
+from common.batching import bucketed_batches
+from common.parallel import batch_sharding, data_mesh, in_process_collectives, put_replicated, replicated, to_host
+from common.training import TrainState, abstract_state, init_state, run_epoch, train_step
 from p2g.data import Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
 from p2g.model import Seq2Seq, sequence_loss
@@ -47,12 +46,6 @@ def host_batch(data: Batchable, index: np.ndarray) -> dict[str, np.ndarray]:
     S, T = batch_widths(data, index)
     return {"src": data.src[index, :S], "src_len": data.src_len[index],
             "tgt_in": data.tgt_in[index, :T], "tgt_out": data.tgt_out[index, :T]}
-
-
-class TrainState(NamedTuple):
-    params: Any
-    opt_state: Any  # optax.inject_hyperparams(adam) state: the learning rate is a leaf
-    step: jax.Array  # () int32, steps taken since the start of training
 
 
 class Trainer:
@@ -80,7 +73,7 @@ class Trainer:
         self.eval_graph, _ = nnx.split(model, nnx.Param)
         self.attention, self.impl = attention, impl
         donate = (0,) if self.mesh.devices.flat[0].platform != "cpu" else ()
-        self._step = jax.jit(self._step_impl, donate_argnums=donate, out_shardings=self.replicated)
+        self._step = jax.jit(train_step(self._loss, self.tx, seed), donate_argnums=donate, out_shardings=self.replicated)
         self._eval_loss = jax.jit(self._eval_loss_impl, out_shardings=self.replicated)
         self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"), out_shardings=self.replicated)
         self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"), out_shardings=self.replicated)
@@ -89,51 +82,31 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
-        state = TrainState(self._params, self.tx.init(self._params), jnp.int32(0))
-        return jax.device_put(state, self.replicated)
+        return init_state(self._params, nnx.State({}), self.tx, self.replicated)
 
     def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and shardings of the state (what orbax restores into, on this run's mesh,
-        whatever mesh wrote the checkpoint)."""
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
-                            jax.eval_shape(self.init_state))
+        """Shapes, dtypes and shardings of the state (:func:`common.training.abstract_state`)."""
+        return abstract_state(self.init_state, self.replicated)
 
     # -- training ----------------------------------------------------------------------------
 
-    def _loss(self, params, batch: dict, key):
-        """sum of the NLL of the batch's target tokens / their number (PAD positions excluded)."""
+    def _loss(self, params, stats, batch: dict, key):
+        """sum of the NLL of the batch's target tokens / their number (PAD positions excluded), in
+        training mode (dropout from ``key``) -> (loss, ``stats`` unchanged: the model has none)."""
         model = nnx.merge(self.train_graph, params, copy=True)
         logits = model(batch["src"], batch["src_len"], batch["tgt_in"], nnx.Rngs(dropout=key))
-        return sequence_loss(logits, batch["tgt_out"])
-
-    def _step_impl(self, state: TrainState, batch: dict, epoch):
-        """One Adam step on a global batch of ``epoch`` (a () int32) -> (state, loss)."""
-        key = step_key(epoch_key(self.seed, epoch), state.step)
-        loss, grads = jax.value_and_grad(self._loss)(state.params, batch, key)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+        return sequence_loss(logits, batch["tgt_out"]), stats
 
     def epoch_batches(self, data: Batchable, epoch: int) -> np.ndarray:
         """(steps, B) example indices of ``epoch``, words of similar length batched together."""
         return bucketed_batches(data.src_len + data.tgt_len, self.batch_size, self.seed, epoch, self.bucket)
 
-    def batch(self, data: Batchable, index: np.ndarray) -> dict[str, jax.Array]:
-        """The examples ``index`` as a global batch: every process passes the same ``index`` and
-        sends only its own devices' rows."""
-        return global_batch(self.batch_sharding, host_batch(data, index))
-
     def train_epoch(self, state: TrainState, data: Batchable, epoch: int, progress=None):
-        """One pass over ``data`` in seeded batches: (state, mean of the batches' losses).
-        ``progress`` is called with 1 after each step; losses stay on the devices until the end."""
-        epoch_, losses = put_replicated(self.mesh, np.int32(epoch)), []
-        for index in self.epoch_batches(data, epoch):
-            state, loss = self._step(state, self.batch(data, index), epoch_)
-            if self.wait_each_step:
-                loss.block_until_ready()
-            losses.append(loss)
-            if progress is not None:
-                progress(1)
-        return state, float(to_host(jnp.mean(jnp.stack(losses))))
+        """One pass over ``data`` in seeded batches (:func:`common.training.run_epoch`): (state, mean
+        of the batches' losses). ``progress`` is called with 1 after each step."""
+        batches = (host_batch(data, index) for index in self.epoch_batches(data, epoch))
+        state, loss = run_epoch(self._step, state, batches, epoch, self.batch_sharding, self.wait_each_step, progress)
+        return state, float(loss)
 
     # -- evaluation --------------------------------------------------------------------------
 

@@ -584,7 +584,7 @@ def test_vmapped_step_of_the_bn_variant_matches_its_members():
 
     data = tiny_splits(n_train=16)
     lrs = (1e6, 0.05, 0.01)
-    sweep = SweepTrainer(True, lrs, 8)
+    sweep = SweepTrainer([Trainer(True, lr, 8) for lr in lrs])
     state = sweep.stack([member.init_state() for member in sweep.members])
     batch = {"images": data["train_images"][:8], "labels": data["train_labels"][:8].astype(np.int32)}
     state, losses = sweep._train_step(state, batch, np.int32(0))
