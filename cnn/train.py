@@ -53,6 +53,27 @@ def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(log_probs, labels))
 
 
+class BatchNormBatchError(ValueError):
+    """Training a BatchNorm model on batches of one example. The head's BatchNorm (over the batch
+    axis alone) then normalises every feature to its bias, so no gradient reaches the layers below
+    it. Statistics are over the global batch (the sharded batch under jit, whatever the devices),
+    so one example a device is fine as long as the global batch holds two or more."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        super().__init__(f"a BatchNorm model cannot train on batches of {batch_size} example: its head's "
+                         "BatchNorm normalises a single example to its bias, so no gradient reaches the "
+                         "layers below; batches of 2 or more (over all devices together) are needed")
+
+
+def check_batch_norm_batch(batch_norm: bool, batch_size: int) -> None:
+    """Raise :class:`BatchNormBatchError` where a training batch of ``batch_size`` (global, over
+    all devices) is too small for BatchNorm's batch statistics; evaluation (running statistics)
+    takes any batch."""
+    if batch_norm and batch_size < 2:
+        raise BatchNormBatchError(batch_size)
+
+
 def pixels(images_u8: jax.Array) -> jax.Array:
     """uint8 NHWC -> float32 in [0, 1]."""
     return images_u8.astype(jnp.float32) / 255.0
@@ -111,7 +132,9 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: dict, epoch) -> tuple[TrainState, jax.Array]:
         """One SGD step (pure; jitted as ``_train_step``) on ``batch`` (``images`` (B,48,48,3)
-        uint8, ``labels`` (B,)) of ``epoch`` (a () int32) -> (state, loss)."""
+        uint8, ``labels`` (B,)) of ``epoch`` (a () int32) -> (state, loss). Raises
+        :class:`BatchNormBatchError` (when traced) for a BatchNorm model and B = 1."""
+        check_batch_norm_batch(self.batch_norm, batch["labels"].shape[0])  # the global batch's shape
         key = step_key(epoch_key(self.seed, epoch), state.step)
         (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(
             state.params, state.stats, batch["images"], batch["labels"], key)

@@ -25,7 +25,7 @@ from cnn.data import CLASS_NAMES, DataError, find_duplicates, load
 from cnn.model import count_params
 import jax
 
-from cnn.train import SweepTrainer, Trainer, confusion_matrix
+from cnn.train import BatchNormBatchError, SweepTrainer, Trainer, check_batch_norm_batch, confusion_matrix
 from common.parallel import is_main_process
 from experiments._checkpoint import BestCheckpoint, Checkpoints, is_checkpoint_dir
 from experiments._parallel import add_parallel_options, check_same_run, run_devices, start_parallel
@@ -145,6 +145,10 @@ def cmd_train(args, log) -> int:
     check_same_run(args, resolved(CNNConfig, args), fingerprints)  # every process of a multi-process run alike
     if args.batch_size > len(splits.train):
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(splits.train)} training images of {args.data}")
+    try:
+        check_batch_norm_batch(args.batch_norm, args.batch_size)
+    except BatchNormBatchError as err:
+        raise UserError(f"--batch-size {err.batch_size} with --batch-norm: {err}") from None
     devices = run_devices(args.devices)
     if args.batch_size % len(devices):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {len(devices)} devices")

@@ -784,3 +784,30 @@ def test_retained_memory_is_reused_without_page_faults():
     assert took == "True" and large < 2000
     took, small = faults("cnn-8")
     assert took == "False" and small > 10 * max(retained, 1)
+
+
+def test_batch_norm_training_needs_two_examples_a_step_over_all_devices(tiny_npz, tmp_path):
+    """One example a step: the head's BatchNorm would normalise it to its bias (no gradient below).
+    Statistics are over the global batch, so one example on each of two devices trains."""
+    from cnn import BatchNormBatchError
+    from common.batching import epoch_key, step_key
+    from common.parallel import global_batch
+
+    data = tiny_splits(4, 2, 2)
+    batch = {"images": data["train_images"], "labels": data["train_labels"].astype(np.int32)}
+    one = Trainer(True, 0.01, 1, devices=jax.devices()[:1])
+    with pytest.raises(BatchNormBatchError) as err:
+        one.train_step(one.init_state(), {k: v[:1] for k, v in batch.items()}, jnp.int32(0))
+    assert err.value.batch_size == 1
+    # evaluation uses the running statistics: a batch of one is fine
+    result = one.evaluate(one.init_state(), one.put(batch["images"][:1]), one.put(batch["labels"][:1]), batch=1)
+    assert result["preds"].shape == (1,)
+    two = Trainer(True, 0.01, 2, devices=jax.devices()[:2])
+    state = two.init_state()
+    split = global_batch(two.batch_sharding, {k: v[:2] for k, v in batch.items()})
+    key = step_key(epoch_key(0, 0), state.step)
+    grads = jax.jit(jax.grad(lambda p: two._loss(p, state.stats, split["images"], split["labels"], key)[0]))(state.params)
+    assert float(jnp.max(jnp.abs(grads["blocks"][0]["conv"]["kernel"][...]))) > 1e-3
+    with pytest.raises(cnn_cli.UserError, match="--batch-size 1 with --batch-norm"):
+        cnn_cli.main(["--data", str(tiny_npz), "--batch-norm", "--batch-size", "1", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
