@@ -20,13 +20,16 @@ def nucleus_probabilities(probs: jax.Array, top_p: float) -> jax.Array:
 
     V(p) = the top-k tokens, k the least with sum of the k largest >= p;
     P'(x) = P(x) / sum_{V(p)} P  for x in V(p), 0 otherwise.  ``(..., V) -> (..., V)``.
-    V(p) always holds the most probable token (for p in (0, 1]; the CLI refuses other p).
+    V(p) always holds the most probable token (for p in (0, 1]; the CLI refuses other p), and
+    V(1) every token: p = 1 is plain sampling.
     """
     order = jnp.argsort(-probs, axis=-1)
     sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    # a token is in V(p) if the mass before it falls short of p; the most probable one always is
-    keep_sorted = (mass_before < top_p) | (jnp.arange(probs.shape[-1]) == 0)
+    # a token is in V(p) if the mass before it falls short of p; the most probable one always is.
+    # p >= 1 keeps every token outright: the float32 running sum reaches 1 before the last tokens
+    # of a peaked distribution, which the comparison alone would cut.
+    keep_sorted = (mass_before < top_p) | (jnp.arange(probs.shape[-1]) == 0) | (top_p >= 1.0)
     keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)  # back to vocab order
     kept = jnp.where(keep, probs, 0.0)
     return kept / jnp.sum(kept, axis=-1, keepdims=True)

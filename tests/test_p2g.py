@@ -279,6 +279,17 @@ def test_nucleus_probabilities_exact():
     assert bool(jnp.all(kept_mass - least < 0.9))
 
 
+def test_nucleus_at_p_one_keeps_every_token_of_a_peaked_distribution():
+    """The float32 running sum of a peaked distribution reaches 1 before its last tokens; p = 1
+    must still be plain sampling, while p < 1 keeps the token that crosses p."""
+    probs = jax.nn.softmax(jnp.concatenate([jnp.array([16.0]), jnp.linspace(4.0, -8.0, 55)]))
+    assert bool(jnp.any(jnp.cumsum(jnp.sort(probs)[::-1])[:-1] >= 1.0))  # the rounding the rule must not trip on
+    np.testing.assert_array_equal(nucleus_probabilities(probs, 1.0) > 0, probs > 0)
+    np.testing.assert_allclose(nucleus_probabilities(probs, 1.0), probs, rtol=1e-6)
+    second = float(jnp.sort(probs)[-1])  # p just above the top token's mass: the second token crosses it
+    assert int(jnp.sum(nucleus_probabilities(probs, second + 1e-7) > 0)) == 2
+
+
 def test_nucleus_sampling_draws_from_the_renormalised_support():
     probs = jnp.array([0.1, 0.5, 0.15, 0.25])
     draws = jax.random.categorical(jax.random.key(1), jnp.log(nucleus_probabilities(probs, 0.8)), shape=(20000,))
