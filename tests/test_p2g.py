@@ -593,3 +593,27 @@ def test_repeated_words_cross_split_variants_and_commas_are_reported_not_changed
     assert loaded == splits
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1 train words on more than one line (2 lines)" in err and "2 words in more than one split (1 pronounced" in err
+
+
+def test_beam_search_with_a_length_penalty_finds_the_best_normalised_sequence():
+    """A wide beam ranks by log P(Y) / ((5 + |Y|) / 6) ** alpha (|Y| with EOS) exactly; width 1 stays greedy."""
+    import itertools
+
+    from p2g.decode import beam_search
+
+    model = Seq2Seq(12, 6, hidden=16, dropout=0.0, attention=True, rngs=nnx.Rngs(3))
+    model.eval()
+    src, lengths = jnp.array([[4, 5, 6, 0], [7, 8, 0, 0]]), jnp.array([3, 2])
+    greedy = np.asarray(decode(model, src, lengths, max_len=3).tokens)
+    np.testing.assert_array_equal(np.asarray(beam_search(model, src, lengths, width=1, max_len=3, alpha=2.0)), greedy)
+    candidates = np.array(list(itertools.product([EOS, UNK, 4, 5], repeat=3)))
+    size = np.where((candidates == EOS).any(1), np.argmax(candidates == EOS, axis=1) + 1, 3)
+    chosen = {}
+    for alpha in (0.0, 10.0):  # a random model is near uniform: only a strong penalty outweighs a token
+        best = np.asarray(beam_search(model, src, lengths, width=16, max_len=3, alpha=alpha))
+        for b in range(2):
+            scores = sequence_logprobs(model, src[b : b + 1], lengths[b : b + 1], candidates) / ((5 + size) / 6) ** alpha
+            k = next(i for i, c in enumerate(candidates) if np.array_equal(np.where(best[b] == PAD, EOS, best[b]), c))
+            assert scores[k] == pytest.approx(scores.max(), abs=1e-5)
+            chosen[alpha, b] = size[k]
+    assert any(chosen[10.0, b] > chosen[0.0, b] for b in range(2))  # the penalty changes a choice: a longer word
