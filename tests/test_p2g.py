@@ -617,3 +617,10 @@ def test_beam_search_with_a_length_penalty_finds_the_best_normalised_sequence():
             assert scores[k] == pytest.approx(scores.max(), abs=1e-5)
             chosen[alpha, b] = size[k]
     assert any(chosen[10.0, b] > chosen[0.0, b] for b in range(2))  # the penalty changes a choice: a longer word
+
+
+def test_length_penalty_must_be_a_finite_non_negative_number(capsys):
+    for value in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            p2g_cli.main(["test", "--checkpoint", "nowhere", "--beam", "5", "--length-penalty", value])
+        assert exit_info.value.code == 2 and "--length-penalty must be a finite number >= 0" in capsys.readouterr().err
