@@ -2,9 +2,17 @@
 
 from cnn.data import CLASS_NAMES, DataError, Split, Splits, load, load_kaggle, load_npz
 from cnn.model import CNN, IMPLS, POOLS, ConvBlock, count_params
-from cnn.train import SweepTrainer, Trainer, TrainState, confusion_matrix, nll_loss
+from cnn.train import (
+    BatchNormBatchError,
+    SweepTrainer,
+    Trainer,
+    TrainState,
+    confusion_matrix,
+    nll_loss,
+)
 
 __all__ = [
+    "BatchNormBatchError",
     "CLASS_NAMES",
     "CNN",
     "ConvBlock",

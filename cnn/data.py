@@ -105,6 +105,31 @@ def load_npz(path: str | Path, required: tuple[str, ...] = SPLITS) -> Splits:
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit grey: 0..65535
+
+
+def rgb8(img, file):
+    """A Pillow image of any mode -> an 8-bit RGB image of the same size (``file`` names it in errors).
+
+    16-bit grey (``I;16*``, what Pillow opens a 16-bit greyscale PNG as) is scaled by
+    255 / 65535 and rounded; Pillow's own conversion clips it at 255 instead, which turns a
+    scene almost white. Alpha is dropped (the stored colours are kept). 32-bit integer (``I``)
+    and float (``F``) pixels carry no known scale, and some modes have no conversion to RGB:
+    those raise :class:`DataError` naming the file and its mode.
+    """
+    from PIL import Image
+
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.round(grey * (255 / 65535)).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise DataError(f"{file}: {kind} pixels (Pillow mode {img.mode}) with no known scale; "
+                        "expected 8-bit (or 16-bit) images: convert it to 8-bit RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as err:  # e.g. La (premultiplied alpha), which Pillow cannot convert
+        raise DataError(f"{file}: Pillow mode {img.mode} cannot be converted to RGB ({err})") from None
 
 
 def _read_folder(root: Path, log=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,7 +156,7 @@ def _read_folder(root: Path, log=None) -> tuple[np.ndarray, np.ndarray, np.ndarr
                 continue
             try:
                 with Image.open(file) as img:
-                    img = img.convert("RGB").resize(IMAGE_SHAPE[:2], Image.Resampling.LANCZOS)
+                    img = rgb8(img, file).resize(IMAGE_SHAPE[:2], Image.Resampling.LANCZOS)
             except OSError as err:
                 raise DataError(f"{file}: not a readable image ({err})") from None
             images.append(np.asarray(img, dtype=np.uint8))

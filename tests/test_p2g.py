@@ -279,6 +279,17 @@ def test_nucleus_probabilities_exact():
     assert bool(jnp.all(kept_mass - least < 0.9))
 
 
+def test_nucleus_at_p_one_keeps_every_token_of_a_peaked_distribution():
+    """The float32 running sum of a peaked distribution reaches 1 before its last tokens; p = 1
+    must still be plain sampling, while p < 1 keeps the token that crosses p."""
+    probs = jax.nn.softmax(jnp.concatenate([jnp.array([16.0]), jnp.linspace(4.0, -8.0, 55)]))
+    assert bool(jnp.any(jnp.cumsum(jnp.sort(probs)[::-1])[:-1] >= 1.0))  # the rounding the rule must not trip on
+    np.testing.assert_array_equal(nucleus_probabilities(probs, 1.0) > 0, probs > 0)
+    np.testing.assert_allclose(nucleus_probabilities(probs, 1.0), probs, rtol=1e-6)
+    second = float(jnp.sort(probs)[-1])  # p just above the top token's mass: the second token crosses it
+    assert int(jnp.sum(nucleus_probabilities(probs, second + 1e-7) > 0)) == 2
+
+
 def test_nucleus_sampling_draws_from_the_renormalised_support():
     probs = jnp.array([0.1, 0.5, 0.15, 0.25])
     draws = jax.random.categorical(jax.random.key(1), jnp.log(nucleus_probabilities(probs, 0.8)), shape=(20000,))
@@ -559,3 +570,57 @@ def test_beam_search_width_one_is_greedy_and_wide_beam_is_exact():
         found[np.cumsum(found == EOS) - (found == EOS) > 0] = EOS  # PAD after EOS: any filler scores 0
         assert sequence_logprobs(model, src[b : b + 1], lengths[b : b + 1], found[None])[0] == pytest.approx(
             scores.max(), abs=1e-5)
+
+
+def test_repeated_words_cross_split_variants_and_commas_are_reported_not_changed(tmp_path, capsys):
+    from p2g.data import Pair, find_repeats
+
+    def pair(phonemes, spelling):
+        return Pair(tuple(phonemes.split()), spelling)
+
+    splits = {"train": [pair("k æ t", "cat"), pair("k ɑ t", "cat"), pair("d ɔ ɡ", "dog"), pair("t ə m eɪ t oʊ , t ə m ɑ t oʊ", "tomato")],
+              "valid": [pair("d ɑ ɡ", "dog"), pair("b ɜ d", "bird")], "test": [pair("k æ t", "cat"), pair("k ɑ t", "cat")]}
+    repeats = find_repeats(splits)
+    assert repeats.repeated == {"train": (1, 2), "valid": (0, 0), "test": (1, 2)}
+    assert (repeats.shared, repeats.conflicting, repeats.commas) == (2, 1, 1)  # cat alike in train and test; dog differs
+    assert "dog: d ɔ ɡ (train) / d ɑ ɡ (valid)" in repeats.examples
+    assert "tomato: t ə m eɪ t oʊ , t ə m ɑ t oʊ" in repeats.examples
+    assert find_repeats({"train": splits["train"][2:3], "valid": splits["valid"][1:]}).summary() is None
+    # the CLI's loader says so on stderr, the data as it was
+    for name, pairs in splits.items():
+        (tmp_path / f"{name}.tsv").write_text("".join(f"{' '.join(p.phonemes)}\t{p.spelling}\n" for p in pairs))
+    loaded, _ = p2g_cli.load_splits(tmp_path, 0, print)
+    assert loaded == splits
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 train words on more than one line (2 lines)" in err and "2 words in more than one split (1 pronounced" in err
+
+
+def test_beam_search_with_a_length_penalty_finds_the_best_normalised_sequence():
+    """A wide beam ranks by log P(Y) / ((5 + |Y|) / 6) ** alpha (|Y| with EOS) exactly; width 1 stays greedy."""
+    import itertools
+
+    from p2g.decode import beam_search
+
+    model = Seq2Seq(12, 6, hidden=16, dropout=0.0, attention=True, rngs=nnx.Rngs(3))
+    model.eval()
+    src, lengths = jnp.array([[4, 5, 6, 0], [7, 8, 0, 0]]), jnp.array([3, 2])
+    greedy = np.asarray(decode(model, src, lengths, max_len=3).tokens)
+    np.testing.assert_array_equal(np.asarray(beam_search(model, src, lengths, width=1, max_len=3, alpha=2.0)), greedy)
+    candidates = np.array(list(itertools.product([EOS, UNK, 4, 5], repeat=3)))
+    size = np.where((candidates == EOS).any(1), np.argmax(candidates == EOS, axis=1) + 1, 3)
+    chosen = {}
+    for alpha in (0.0, 10.0):  # a random model is near uniform: only a strong penalty outweighs a token
+        best = np.asarray(beam_search(model, src, lengths, width=16, max_len=3, alpha=alpha))
+        for b in range(2):
+            scores = sequence_logprobs(model, src[b : b + 1], lengths[b : b + 1], candidates) / ((5 + size) / 6) ** alpha
+            k = next(i for i, c in enumerate(candidates) if np.array_equal(np.where(best[b] == PAD, EOS, best[b]), c))
+            assert scores[k] == pytest.approx(scores.max(), abs=1e-5)
+            chosen[alpha, b] = size[k]
+    assert any(chosen[10.0, b] > chosen[0.0, b] for b in range(2))  # the penalty changes a choice: a longer word
+
+
+def test_length_penalty_must_be_a_finite_non_negative_number(capsys):
+    for value in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            p2g_cli.main(["test", "--checkpoint", "nowhere", "--beam", "5", "--length-penalty", value])
+        assert exit_info.value.code == 2 and "--length-penalty must be a finite number >= 0" in capsys.readouterr().err
