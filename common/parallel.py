@@ -27,12 +27,10 @@ DATA = "data"  # the mesh axis a batch is split along
 def cluster_detected() -> bool:
     """Whether JAX's own cluster detection (SLURM, Open MPI, Cloud TPU, GKE, Kubernetes) finds an
     environment that ``jax.distributed.initialize()`` can join without arguments."""
+    from common.jax_private import cluster_environments
+
     try:
-        from jax._src.clusters import ClusterEnv
-    except ImportError:  # private module moved: detection off, the flags still work
-        return False
-    try:
-        return any(env.is_env_present() for env in ClusterEnv._cluster_types if not env.opt_in_only_method)
+        return any(env.is_env_present() for env in cluster_environments())
     except Exception:  # a detector that cannot run here (missing tool, unreadable metadata)
         return False
 
@@ -141,10 +139,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def joined_process_index() -> int:
     """This process's index in the run :func:`initialize` joined (0 where it joined none), read
     without starting a backend (``jax.process_index`` starts one)."""
-    from jax._src import distributed  # private: orbax reads the same state
+    from common.jax_private import joined
 
-    state = distributed.global_state
-    return state.process_id if state.client is not None else 0
+    run = joined()
+    return 0 if run is None else run.process_id
 
 
 def is_main_process() -> bool:

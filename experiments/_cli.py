@@ -156,10 +156,13 @@ def run(
     With ``argv`` None (the process's own command line) Ctrl-C and errors end the process without
     the interpreter's shutdown (:func:`_on_sigint`, :func:`_end`); with an explicit ``argv`` (a
     caller in the same process, a test) they raise ``SystemExit`` as usual."""
+    from experiments._parallel import lost_process_hook
+
     hard = argv is None
     quiet_failed_reads()
-    if hard:
+    if hard:  # the process-wide hooks: Ctrl-C, and a lost peer of a multi-process run
         signal.signal(signal.SIGINT, _on_sigint)
+        sys.excepthook = lost_process_hook(sys.excepthook)
     try:
         status = main(argv)
     except KeyboardInterrupt:

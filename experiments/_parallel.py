@@ -21,8 +21,7 @@ def start_parallel(config) -> bool:
     """Join the processes of ``config`` (:func:`common.parallel.initialize`) and, on a CPU, ask for
     ``config.devices`` host devices; returns whether this process is the one that logs (process
     0, or a one-process run), found without starting a backend. Must run before the first
-    computation. In a multi-process run, a failed collective later ends this process with one
-    line (:func:`_stop_on_lost_process`)."""
+    computation."""
     import os
 
     from common.parallel import JoinTimeout, initialize, joined_process_index
@@ -46,10 +45,7 @@ def start_parallel(config) -> bool:
                         "--coordinator and --num-processes, and a --process-id of its own") from None
     except (RuntimeError, ValueError, OSError) as err:  # port taken, coordinator unreachable, ...
         raise UserError(f"cannot join {run}: {str(err).splitlines()[0]}") from None
-    if not joined:
-        return True
-    _stop_on_lost_process()
-    return joined_process_index() == 0
+    return not joined or joined_process_index() == 0
 
 
 # What a failed cross-process collective says (gloo's on CPUs, NCCL's on GPUs): jax raises it as a
@@ -57,27 +53,27 @@ def start_parallel(config) -> bool:
 _LOST_PROCESS = re.compile(r"\b(Gloo|NCCL)\b|Connection (closed|reset) by peer")
 
 
-def _stop_on_lost_process() -> None:
-    """Make an error of a collective that reaches the top (another process of the run stopped) one
-    line on stderr and status 1, the process ending at once after flushing: its traceback says
-    nothing more, and the interpreter's shutdown would wait for the lost process until the
-    coordination service's heartbeat timeout (:data:`common.parallel.HEARTBEAT_SECONDS`) and
-    then abort in C++."""
-    import jax
-
-    from experiments._cli import _end
-
-    previous = sys.excepthook
-
+def lost_process_hook(previous):
+    """A ``sys.excepthook`` (installed by the entry point, :func:`experiments._cli.run`) that, in a
+    multi-process run, makes an error of a collective that reaches the top (another process of the
+    run stopped) one line on stderr and status 1, the process ending at once after flushing: its
+    traceback says nothing more, and the interpreter's shutdown would wait for the lost process
+    until the coordination service's heartbeat timeout (:data:`common.parallel.HEARTBEAT_SECONDS`)
+    and then abort in C++. Anything else goes to ``previous``."""
     def excepthook(kind, error, traceback):
-        if not (issubclass(kind, jax.errors.JaxRuntimeError) or _LOST_PROCESS.search(str(error))):
+        import jax
+
+        from common.jax_private import joined
+        from experiments._cli import _end
+
+        if joined() is None or not (issubclass(kind, jax.errors.JaxRuntimeError) or _LOST_PROCESS.search(str(error))):
             return previous(kind, error, traceback)
         first = (str(error).strip() or kind.__name__).splitlines()[0]
         print(f"error: another process of this run stopped: {first}; rerun every process with the same "
               "command to resume from the last checkpoint", file=sys.stderr)
         _end(1, hard=True)
 
-    sys.excepthook = excepthook
+    return excepthook
 
 
 def _wait_for(client, key: str, deadline: float) -> str | None:
@@ -107,12 +103,12 @@ def check_same_run(config, data: dict[str, str]) -> None:
     service's key-value store; process 0 compares them with its own and posts the verdict, which
     the others wait for. The waits last at most ``--join-timeout`` seconds (a process that stopped
     before the check, or is still loading its data). No-op in a one-process run."""
-    from jax._src import distributed  # private: orbax reads the same client
+    from common.jax_private import joined
 
-    state = distributed.global_state
-    if state.client is None:
+    run = joined()
+    if run is None:
         return
-    client, index, key = state.client, state.process_id, "experiments/check_same_run"
+    client, index, key = run.client, run.process_id, "experiments/check_same_run"
     mine = {**dataclasses.asdict(config), "process_id": None, "quiet": None, "out": str(config.workdir.resolve()),
             "data": data}
     mine = json.loads(json.dumps(mine, sort_keys=True, default=str))
@@ -121,7 +117,7 @@ def check_same_run(config, data: dict[str, str]) -> None:
     if index == 0:
         deadline = time.monotonic() + timeout
         verdict = {"differ": {}, "missing": []}
-        for other in range(1, state.num_processes):
+        for other in range(1, run.num_processes):
             posted = _wait_for(client, f"{key}/{other}", deadline)
             if posted is None:
                 verdict["missing"].append(other)
@@ -137,7 +133,7 @@ def check_same_run(config, data: dict[str, str]) -> None:
         client.key_value_set(f"{key}/verdict", json.dumps(verdict))
         if verdict["differ"] or verdict["missing"]:  # the service ends with this process: let the others read first
             deadline = time.monotonic() + 30
-            for other in set(range(1, state.num_processes)) - set(verdict["missing"]):
+            for other in set(range(1, run.num_processes)) - set(verdict["missing"]):
                 _wait_for(client, f"{key}/read/{other}", deadline)
     else:
         posted = _wait_for(client, f"{key}/verdict", time.monotonic() + timeout + 10)  # after process 0's deadline

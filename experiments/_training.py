@@ -208,6 +208,20 @@ def metrics(part: str, config: dict, runs: dict[str, Run], selected: str | None,
             "wall_s": sum(h["seconds"] for run in runs.values() for h in run.meta["history"])}
 
 
+def read_best(directory: Path, check_meta: Callable[[dict], None], make_trainer: Callable[[dict], Any]):
+    """``(trainer, state, meta)`` of the best epoch in the checkpoint folder ``directory``, read only:
+    ``check_meta`` sees its meta first (raising where another kind of run wrote it), and
+    ``make_trainer(its config)`` builds the trainer whose state shapes it restores into."""
+    with Checkpoints(directory, read_only=True) as saved:
+        step = saved.best_step()
+        if step is None:
+            raise UserError(f"{saved.directory}: no validated epoch to evaluate (the run diverged first)")
+        meta = saved.read_meta(step)
+        check_meta(meta)
+        trainer = make_trainer(meta["config"])
+        return (trainer, *saved.restore(trainer.abstract_state(), step))
+
+
 def read_metrics(out: Path, part: str) -> dict | None:
     """The ``metrics.json`` of the training folder ``out`` (None where it has none, ``{}`` where it
     holds no object); :class:`UserError` where the other part's command wrote it."""

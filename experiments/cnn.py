@@ -29,7 +29,7 @@ from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.parallel import is_main_process
 from experiments._checkpoint import CheckpointError, Checkpoints, is_checkpoint_dir
 from experiments._parallel import check_same_run, run_devices, start_parallel
-from experiments._training import Run, fingerprint, fit, metrics, read_metrics, select, write_metrics
+from experiments._training import Run, fingerprint, fit, metrics, read_best, read_metrics, select, write_metrics
 from experiments.configs import CNNConfig, add_flags, from_args, recorded
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
@@ -114,66 +114,88 @@ def log_duplicates(splits, log) -> None:
         log(summary)
 
 
-def cmd_train(config: CNNConfig, log) -> int:
-    out, data = config.workdir, Path(config.data)
+def training_data(config: CNNConfig, log):
+    """The splits of ``--data`` and their fingerprints, checked for training (and alike on every
+    process of a multi-process run)."""
+    data = Path(config.data)
     splits = load(data, tfds_dir=config.tfds_dir, log=log)
     if splits.train is None or splits.val is None or len(splits.train) == 0 or len(splits.val) == 0:
         raise UserError(f"{data}: training needs non-empty train and val splits")
     fingerprints = data_fingerprints(splits)
-    check_same_run(config, fingerprints)  # every process of a multi-process run alike
+    check_same_run(config, fingerprints)
     if config.batch_size > len(splits.train):
         raise UserError(f"--batch-size {config.batch_size} is more than the {len(splits.train)} training images of {data}")
-    devices = run_devices(config.devices)
+    log_duplicates(splits, warn)
+    return splits, fingerprints
+
+
+def start_runs(config: CNNConfig, splits, fingerprints, name: str, log) -> tuple[list[Run], list[Trainer]]:
+    """One :class:`Run` and trainer per learning rate, resumed where their folders hold epochs."""
+    out, devices = config.workdir, run_devices(config.devices)
     if config.batch_size % len(devices):
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices")
     out.mkdir(parents=True, exist_ok=True)
-    name = ("batch-norm CNN" if config.batch_norm else "baseline CNN") + (", Hopfield pooling" if config.pool == "hopfield" else "")
     log(f"{name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test) if splits.test else 0} test "
-        f"images from {data}; batches split over {len(devices)} device(s) in {jax.process_count()} process(es); "
-        f"out: {out}")
-    log_duplicates(splits, warn)
+        f"images from {config.data}; batches split over {len(devices)} device(s) in {jax.process_count()} "
+        f"process(es); out: {out}")
     others = sorted({d.name for d in out.glob("lr_*/") if d.is_dir()} - {run_dir(out, lr).name for lr in config.lr})
     if others:
         warn(f"note: {out} also holds {', '.join(others)} from another command; this command's metrics.json and "
              f"plots cover --lr {' '.join(f'{lr:g}' for lr in config.lr)} only (pass every --lr to compare them all)")
     made = [make_run(config, lr, fingerprints, devices, log) for lr in config.lr]
-    runs, trainers = [run for run, _ in made], [trainer for _, trainer in made]
     resumable_from(out)
-    validate = validation(trainers[0], splits)
-    train(runs, trainers, splits, validate, config.vmap_sweep, log)
+    return [run for run, _ in made], [trainer for _, trainer in made]
+
+
+def test_selected(run: Run, trainer: Trainer, split) -> dict:
+    """Test accuracy of the run's best checkpoint (with its confusion matrix) and of its last epoch."""
+    with Checkpoints(run.directory / "ckpt", read_only=True) as saved:
+        acc, preds = test_accuracy(saved, saved.best_step(), trainer, split)
+        final, _ = test_accuracy(saved, saved.steps()[-1], trainer, split)
+    return {"acc": acc, "final_epoch_acc": final, "confusion_matrix": confusion_matrix(split.labels, preds).tolist()}
+
+
+def report(result: dict, runs: list[Run], log) -> None:
+    """Each run's summary line, the selection's, and the final JSON line."""
+    for each in runs:
+        log(each.summary())
+    selected, test = result["selected"], result["test"]
+    summary = f"selected lr={selected['run']} (epoch {selected['epoch']}, val acc {selected['val']['val_acc']:.4f})"
+    if test is not None:
+        summary += f": test acc {test['acc']:.4f} (final epoch: {test['final_epoch_acc']:.4f})"
+    log(summary + f"; {result['params']:,} parameters; {result['wall_s']:.0f} s of training")
+    if is_main_process():
+        print(strict_json({"lr": float(selected["run"]), "epoch": selected["epoch"], "val_acc": selected["val"]["val_acc"],
+                           **({"test_acc": test["acc"], "final_epoch_test_acc": test["final_epoch_acc"]} if test else {})}))
+
+
+def cmd_train(config: CNNConfig, log) -> int:
+    out = config.workdir
+    name = ("batch-norm CNN" if config.batch_norm else "baseline CNN") + (", Hopfield pooling" if config.pool == "hopfield" else "")
+    splits, fingerprints = training_data(config, log)
+    runs, trainers = start_runs(config, splits, fingerprints, name, log)
+    train(runs, trainers, splits, validation(trainers[0], splits), config.vmap_sweep, log)
     for each in runs:
         each.close()
     by_name = {f"{run.meta['config']['lr']:g}": run for run in runs}
     chosen = select(by_name)
     test = None
     if chosen is not None and splits.test is not None and len(splits.test):
-        run, trainer = made[list(by_name).index(chosen)]
-        with Checkpoints(run.directory / "ckpt", read_only=True) as saved:
-            acc, preds = test_accuracy(saved, saved.best_step(), trainer, splits.test)
-            final, _ = test_accuracy(saved, saved.steps()[-1], trainer, splits.test)
-        counts = confusion_matrix(splits.test.labels, preds)
-        test = {"acc": acc, "final_epoch_acc": final, "confusion_matrix": counts.tolist()}
+        test = test_selected(by_name[chosen], trainers[list(by_name).index(chosen)], splits.test)
         if is_main_process():
-            plot_confusion(counts, CLASS_NAMES, out, f"{name}, lr={chosen}, test acc {acc:.3f}")
+            plot_confusion(np.array(test["confusion_matrix"]), CLASS_NAMES, out, f"{name}, lr={chosen}, test acc {test['acc']:.3f}")
     if is_main_process():
-        plot_curves({f"lr={name_}": run.meta["history"] for name_, run in by_name.items()}, out, name)
-    model = trainers[0].model(trainers[0].init_state())
-    result = metrics("cnn", recorded(config), by_name, chosen, test,
-                     model=("batch_norm" if config.batch_norm else "baseline") + ("" if config.pool == "average" else f"_{config.pool}_pool"),
-                     params=count_params(model), devices=len(devices), processes=jax.process_count())
+        plot_curves({f"lr={lr}": run.meta["history"] for lr, run in by_name.items()}, out, name)
+    model = ("batch_norm" if config.batch_norm else "baseline") + ("" if config.pool == "average" else f"_{config.pool}_pool")
+    result = metrics("cnn", recorded(config), by_name, chosen, test, model=model,
+                     params=count_params(trainers[0].model(trainers[0].init_state())),
+                     devices=trainers[0].mesh.size, processes=jax.process_count())
     write_metrics(out, result)
-    for run in runs:
-        log(run.summary())
     if chosen is None:
+        for each in runs:
+            log(each.summary())
         raise UserError(f"every learning rate diverged; nothing to select (history in {out / 'metrics.json'})")
-    selected = result["selected"]
-    summary = f"selected lr={chosen} (epoch {selected['epoch']}, val acc {selected['val']['val_acc']:.4f})"
-    if test is not None:
-        summary += f": test acc {test['acc']:.4f} (final epoch: {test['final_epoch_acc']:.4f})"
-    log(summary + f"; {result['params']:,} parameters; {result['wall_s']:.0f} s of training")
-    if is_main_process():
-        print(strict_json({"lr": float(chosen), "epoch": selected["epoch"], "val_acc": selected["val"]["val_acc"],
-                           **({"test_acc": test["acc"], "final_epoch_test_acc": test["final_epoch_acc"]} if test else {})}))
+    report(result, runs, log)
     return 0
 
 
@@ -209,21 +231,15 @@ def cmd_evaluate(config: CNNConfig, log) -> int:
     data, evaluate = Path(config.data), Path(config.evaluate)
     if not evaluate.exists():
         raise UserError(f"{evaluate}: no such checkpoint")
-    checkpoints = Checkpoints(find_best_checkpoint(evaluate), read_only=True)
-    step = checkpoints.best_step()
-    if step is None:
-        raise UserError(f"{checkpoints.directory}: no validated epoch to evaluate (the run diverged first)")
-    meta = checkpoints.read_meta(step)
-    is_cnn_run(checkpoints.directory)(meta)
-    saved = meta["config"]
+    directory = find_best_checkpoint(evaluate)
+    trainer, state, _ = read_best(directory, is_cnn_run(directory), lambda saved: Trainer(
+        saved["batch_norm"], saved["lr"], saved["batch_size"], saved["seed"], impl=config.impl,
+        pool=saved.get("pool", "average")))
     splits = load(data, required=("test",), tfds_dir=config.tfds_dir, log=log)
     log_duplicates(splits, warn)
     split = splits.test
-    trainer = Trainer(saved["batch_norm"], saved["lr"], saved["batch_size"], saved["seed"], impl=config.impl,
-                      pool=saved.get("pool", "average"))
-    acc, _ = test_accuracy(checkpoints, step, trainer, split)
-    checkpoints.close()
-    log(f"{checkpoints.directory}: test accuracy {acc:.4f} on {len(split)} images of {data}")
+    acc = trainer.evaluate(state, trainer.put(split.images), trainer.put(split.labels))["acc"]
+    log(f"{directory}: test accuracy {acc:.4f} on {len(split)} images of {data}")
     print(strict_json({"test_acc": acc}))
     return 0
 

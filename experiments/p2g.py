@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from common.parallel import is_main_process
-from experiments._checkpoint import CheckpointError, Checkpoints, is_checkpoint_dir
+from experiments._checkpoint import CheckpointError, is_checkpoint_dir
 from experiments._parallel import check_same_run, run_devices, start_parallel
-from experiments._training import Run, fingerprint, fit, metrics, read_metrics, write_metrics
+from experiments._training import Run, fingerprint, fit, metrics, read_best, read_metrics, write_metrics
 from experiments.configs import P2GConfig, add_flags, from_args, recorded
 from experiments._plots import pyplot
 from experiments._xla import choose_impl
@@ -69,78 +69,82 @@ def plot_history(history: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def cmd_train(config: P2GConfig, log) -> int:
-    out = config.workdir
-    data_dir = None if config.data_dir is None else Path(config.data_dir)
-    splits, source = load_splits(data_dir, config.seed, log)
+def encoded_splits(config: P2GConfig, log) -> tuple[dict, dict, str]:
+    """The splits encoded with the training data's vocabularies, at widths that fit every split,
+    and the run's identity (what resume compares: the settings that change the numbers, the
+    vocabularies, the data's fingerprints); checked alike on every process of a multi-process run."""
+    splits, source = load_splits(None if config.data_dir is None else Path(config.data_dir), config.seed, log)
     fingerprints = {name: fingerprint([(p.phonemes, p.spelling) for p in pairs]) for name, pairs in splits.items()}
-    check_same_run(config, fingerprints)  # every process of a multi-process run alike
-    src_vocab = Vocab.build(p.phonemes for p in splits["train"])
-    tgt_vocab = Vocab.build(p.spelling for p in splits["train"])
-    all_pairs = [p for pairs in splits.values() for p in pairs]
-    src_width = round_up(max(len(p.phonemes) for p in all_pairs))
-    tgt_width = round_up(max(len(p.spelling) for p in all_pairs) + 1)
-    train = encode_pairs(splits["train"], src_vocab, tgt_vocab, src_width, tgt_width)
-    valid = encode_pairs(splits["valid"], src_vocab, tgt_vocab, src_width, tgt_width)
+    check_same_run(config, fingerprints)
+    src_vocab, tgt_vocab = Vocab.build(p.phonemes for p in splits["train"]), Vocab.build(p.spelling for p in splits["train"])
     for name in ("valid", "test"):
         if name in splits and (note := unseen_symbols_note(splits[name], src_vocab, tgt_vocab, f"the {name} split")):
             warn(note)
-    run_config = {
-        "data": source, "attention": {None: False, "bahdanau": True}.get(config.attn, config.attn), "hidden": config.hidden,
-        "dropout": config.dropout, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed, "bucket": config.bucket,
-        "src_vocab": list(src_vocab.symbols), "tgt_vocab": list(tgt_vocab.symbols), "src_width": src_width,
-        "tgt_width": tgt_width, "impl": config.impl, "train_data": fingerprints["train"], "val_data": fingerprints["valid"],
-    }
-    if config.attn == "hopfield":
-        run_config["hopfield_steps"] = config.hopfield_steps
+    all_pairs = [p for pairs in splits.values() for p in pairs]
+    widths = round_up(max(len(p.phonemes) for p in all_pairs)), round_up(max(len(p.spelling) for p in all_pairs) + 1)
+    identity = {"data": source, "attention": {None: False, "bahdanau": True}.get(config.attn, config.attn),
+                "hidden": config.hidden, "dropout": config.dropout, "lr": config.lr, "batch_size": config.batch_size,
+                "seed": config.seed, "bucket": config.bucket, "src_vocab": list(src_vocab.symbols),
+                "tgt_vocab": list(tgt_vocab.symbols), "src_width": widths[0], "tgt_width": widths[1],
+                "impl": config.impl, "train_data": fingerprints["train"], "val_data": fingerprints["valid"],
+                **({"hopfield_steps": config.hopfield_steps} if config.attn == "hopfield" else {})}
+    encoded = {name: encode_pairs(pairs, src_vocab, tgt_vocab, *widths) for name, pairs in splits.items()}
+    return encoded, identity, source
+
+
+def report(result: dict, out: Path, log) -> None:
+    """The summary line and the final JSON line of a training run."""
+    best, test = result["selected"], result["test"]
+    log(f"best epoch {best['epoch']}: val CER {best['val']['val_cer']:.4f}, WER {best['val']['val_wer']:.4f}"
+        + (f"; test CER {test['cer']:.4f}, WER {test['wer']:.4f} ({test['words']} words)" if test else "")
+        + f"; {result['wall_s']:.0f} s of training; checkpoint {out / 'ckpt'}")
+    if is_main_process():
+        print(strict_json({"best_epoch": best["epoch"], "val_cer": best["val"]["val_cer"], "val_wer": best["val"]["val_wer"],
+                           **({"test_cer": test["cer"], "test_wer": test["wer"]} if test else {}), "wall_s": result["wall_s"]}))
+
+
+def cmd_train(config: P2GConfig, log) -> int:
+    out, (data, identity, source) = config.workdir, encoded_splits(config, log)
+    train, valid, tgt_vocab = data["train"], data["valid"], Vocab(tuple(identity["tgt_vocab"]))
     if config.batch_size > len(train):
         raise UserError(f"--batch-size {config.batch_size} is more than the {len(train)} training pairs of {source}")
     devices = run_devices(config.devices)
     if config.batch_size % len(devices):
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices")
     out.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(run_config, devices, config.impl)
-    run = Run(out, run_config, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
+    trainer = make_trainer(identity, devices, config.impl)
+    run = Run(out, identity, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
     resumable_from(out)
     name = {None: "no attention", "bahdanau": "attention"}.get(config.attn, f"Hopfield attention, {config.hopfield_steps} step(s)")
-    tested = f" / {len(splits['test'])} test" if "test" in splits else ""
+    tested = f" / {len(data['test'])} test" if "test" in data else ""
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid{tested} pairs from {source}; "
-        f"{len(src_vocab)} phoneme and {len(tgt_vocab)} character symbols; batches split over {len(devices)} "
-        f"device(s) in {jax.process_count()} process(es); out: {out}")
+        f"{len(identity['src_vocab'])} phoneme and {len(tgt_vocab)} character symbols; batches split over {len(devices)} device(s) in {jax.process_count()} process(es); out: {out}")
 
     def validate(state) -> dict:
         hypotheses = trainer.decode(state, valid, tgt_vocab)
         return {"val_loss": trainer.loss(state, valid), "val_cer": cer(valid.spellings, hypotheses),
                 "val_wer": wer(valid.spellings, hypotheses)}
 
-    described = {"model": {None: "no_attention", "bahdanau": "bahdanau_attention"}.get(config.attn, "hopfield_attention"),
-                 "params": sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state().params)),
-                 "devices": len(devices), "processes": jax.process_count()}
     fit([run], lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
         steps=math.ceil(len(train) / config.batch_size))
     run.close()
+    described = {"model": {None: "no_attention", "bahdanau": "bahdanau_attention"}.get(config.attn, "hopfield_attention"),
+                 "params": sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state().params)),
+                 "devices": len(devices), "processes": jax.process_count()}
     if run.best is None:
         write_metrics(out, metrics("p2g", recorded(config), {f"{config.lr:g}": run}, None, None, **described))
         raise UserError(f"the run diverged before its first validation; nothing to select (history in {out / 'metrics.json'})")
     test = None
-    if "test" in splits:
-        with Checkpoints(out / "ckpt", read_only=True) as saved:
-            state, _ = saved.restore(trainer.abstract_state(), saved.best_step())
-        data = encode_pairs(splits["test"], src_vocab, tgt_vocab, src_width, tgt_width)
-        hypotheses = trainer.decode(state, data, tgt_vocab)
-        test = {"cer": cer(data.spellings, hypotheses), "wer": wer(data.spellings, hypotheses), "words": len(data)}
+    if "test" in data:
+        _, state, _ = read_best(out / "ckpt", lambda meta: None, lambda saved: trainer)
+        hypotheses = trainer.decode(state, data["test"], tgt_vocab)
+        test = {"cer": cer(data["test"].spellings, hypotheses), "wer": wer(data["test"].spellings, hypotheses),
+                "words": len(data["test"])}
     result = metrics("p2g", recorded(config), {f"{config.lr:g}": run}, f"{config.lr:g}", test, **described)
     write_metrics(out, result)
     if is_main_process():
         plot_history(run.meta["history"], out, f"P2G, {name}")
-    best_record = result["selected"]["val"]
-    log(f"best epoch {run.meta['best_epoch']}: val CER {best_record['val_cer']:.4f}, WER {best_record['val_wer']:.4f}"
-        + (f"; test CER {test['cer']:.4f}, WER {test['wer']:.4f} ({test['words']} words)" if test else "")
-        + f"; {result['wall_s']:.0f} s of training; checkpoint {out / 'ckpt'}")
-    if is_main_process():
-        print(strict_json({"best_epoch": run.meta["best_epoch"], "val_cer": best_record["val_cer"],
-                           "val_wer": best_record["val_wer"], **({"test_cer": test["cer"], "test_wer": test["wer"]} if test else {}),
-                           "wall_s": result["wall_s"]}))
+    report(result, out, log)
     return 0
 
 
@@ -208,23 +212,32 @@ def unseen_symbols_note(pairs, src_vocab: Vocab, tgt_vocab: Vocab, what: str) ->
     return f"note: of the {len(pairs)} words of {what}, " + "; ".join(parts) if parts else None
 
 
-def cmd_test(args, log) -> int:
-    checkpoints = Checkpoints(resolve_checkpoint(args.checkpoint), read_only=True)
-
-    def check(meta):
+def is_p2g_run(directory: Path):
+    """A ``check_meta``: a one-line error for a checkpoint of another kind."""
+    def check(meta: dict) -> None:
         if "src_vocab" not in meta.get("config", {}):
-            raise UserError(f"{checkpoints.directory}: not a P2G checkpoint (expected one written by "
-                            "python -m experiments.p2g train)")
+            raise UserError(f"{directory}: not a P2G checkpoint (expected one written by python -m experiments.p2g train)")
+    return check
 
-    step = checkpoints.best_step()
-    if step is None:
-        raise UserError(f"{checkpoints.directory}: no validated epoch to test (the run diverged first)")
-    meta = checkpoints.read_meta(step)
-    check(meta)
+
+def sample(trainer, state, data, pairs, tgt_vocab, args, log) -> dict:
+    """WER@k of ``args.k`` nucleus samples (p = ``args.topp``) a word, and a few words whose samples differ."""
+    key, refs = jax.random.key(args.seed), data.spellings
+    samples = [trainer.decode(state, data, tgt_vocab, top_p=args.topp, key=jax.random.fold_in(key, j))
+               for j in range(args.k)]
+    result = {"wer_at_k": wer_at_k(refs, samples), "k": args.k, "topp": args.topp,
+              "sample_cer": float(np.mean([cer(refs, s) for s in samples]))}
+    log(f"nucleus p={args.topp}: WER@{args.k} {result['wer_at_k']:.4f}  (mean CER of a sample "
+        f"{result['sample_cer']:.4f})")
+    for i in [i for i in range(len(refs)) if len({s[i] for s in samples}) > 1][: args.examples]:
+        log(f"  {' '.join(pairs[i].phonemes):<28} {refs[i]:<14} samples: {', '.join(s[i] for s in samples)}")
+    return result
+
+
+def cmd_test(args, log) -> int:
+    directory = resolve_checkpoint(args.checkpoint)  # either impl reads the other's checkpoints
+    trainer, state, meta = read_best(directory, is_p2g_run(directory), lambda saved: make_trainer(saved, impl=args.impl))
     config = meta["config"]
-    trainer = make_trainer(config, impl=args.impl)  # either impl reads the other's checkpoints
-    state, meta = checkpoints.restore(trainer.abstract_state(), step)
-    checkpoints.close()
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(args, config, log)
     note = unseen_symbols_note(pairs, src_vocab, tgt_vocab, source)
@@ -242,20 +255,10 @@ def cmd_test(args, log) -> int:
     refs = data.spellings
     greedy = trainer.decode(state, data, tgt_vocab)
     result = {"cer": cer(refs, greedy), "wer": wer(refs, greedy), "wer_at_k": None}
-    log(f"{checkpoints.directory} (epoch {meta['best_epoch']}) on {len(refs)} words of {source}")
+    log(f"{directory} (epoch {meta['best_epoch']}) on {len(refs)} words of {source}")
     log(f"greedy: CER {result['cer']:.4f}  WER {result['wer']:.4f}")
     if args.topp is not None:
-        key = jax.random.key(args.seed)
-        samples = [trainer.decode(state, data, tgt_vocab, top_p=args.topp, key=jax.random.fold_in(key, j))
-                   for j in range(args.k)]
-        result["wer_at_k"] = wer_at_k(refs, samples)
-        result["k"], result["topp"] = args.k, args.topp
-        result["sample_cer"] = float(np.mean([cer(refs, s) for s in samples]))
-        log(f"nucleus p={args.topp}: WER@{args.k} {result['wer_at_k']:.4f}  (mean CER of a sample "
-            f"{result['sample_cer']:.4f})")
-        varied = [i for i in range(len(refs)) if len({s[i] for s in samples}) > 1][: args.examples]
-        for i in varied:
-            log(f"  {' '.join(pairs[i].phonemes):<28} {refs[i]:<14} samples: {', '.join(s[i] for s in samples)}")
+        result.update(sample(trainer, state, data, pairs, tgt_vocab, args, log))
     if args.beam is not None:
         beamed = trainer.beam_decode(state, data, tgt_vocab, args.beam, alpha=args.length_penalty)
         result["beam"] = {"width": args.beam, "length_penalty": args.length_penalty, "cer": cer(refs, beamed),
@@ -263,7 +266,7 @@ def cmd_test(args, log) -> int:
         log(f"beam search, width {args.beam}, length penalty {args.length_penalty:g}: CER {result['beam']['cer']:.4f}  "
             f"WER {result['beam']['wer']:.4f}  ({result['beam']['empty']} empty words)")
     if args.plot_attention:
-        plot_dir = args.plot_dir or checkpoints.directory.parent
+        plot_dir = args.plot_dir or directory.parent
         for path in plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, args.plot_attention, plot_dir):
             log(f"wrote {path}")
     print(strict_json(result))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 
 # The tests run under XLA's default settings (experiments._xla.tune_cpu is the CLIs' choice for
 # the xla_cpu implementation, tested on its own), with two XLA host devices for the data-parallel tests.
@@ -84,6 +85,19 @@ def kill_at_saves_then_finish(kills, module: str, *args: str) -> None:
     assert killed >= 3
     proc = run_cli(module, *args)
     assert proc.returncode == 0, proc.stderr
+
+
+def assert_plot(path: Path, min_width: int = 300, min_height: int = 200) -> None:
+    """``path`` is a PNG of at least that many pixels that draws something: more than a handful of
+    colours, its pixels not all alike (a blank or failed figure is one colour)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        width, height = image.size
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    assert width >= min_width and height >= min_height, (path, image.size)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 8 and pixels.std() > 5, path
 
 
 def slow(*values):

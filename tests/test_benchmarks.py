@@ -75,5 +75,6 @@ def test_runner_prints_a_table_and_a_final_json_line(capsys):
         assert set(row) == {"ours", "torch", "ratio"} and row["ours"] > 0 and row["torch"] > 0
     table = [line for line in lines if line.startswith("hopfield_retrieval_256q")]
     assert len(table) == 1 and "queries/s" in table[0]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         bench_run.main(["--rounds", "0"])
+    assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err

@@ -74,14 +74,13 @@ def one_error_line(proc: subprocess.CompletedProcess, expected: str) -> None:
 # Ctrl-C
 
 
-def interrupted(args: list[str], delay: float, after_first_line: bool) -> subprocess.CompletedProcess:
-    """``python -m args`` sent SIGINT (what Ctrl-C sends) ``delay`` seconds after it started or,
-    with ``after_first_line``, after its first line of output (the command line parsed, its
-    imports done)."""
+def interrupted(args: list[str], after_lines: int, delay: float = 0.0) -> subprocess.CompletedProcess:
+    """``python -m args`` sent SIGINT (what Ctrl-C sends) once it has printed ``after_lines`` lines
+    (0: ``delay`` seconds after it started, during its imports), ``delay`` seconds after that line."""
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.readline() if after_first_line else ""
-    time.sleep(delay)
+    first = "".join(proc.stdout.readline() for _ in range(after_lines))
+    time.sleep(delay)  # where in the work the signal lands, not a condition of the test
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, first + out, err)
@@ -89,24 +88,26 @@ def interrupted(args: list[str], delay: float, after_first_line: bool) -> subpro
 
 @pytest.mark.slow
 def test_ctrl_c_at_any_moment_is_one_line_and_status_130(intel_npz, p2g_dir, tmp_path):
-    """SIGINT at several moments of each CLI (compiling, training, saving, decoding): status 130,
-    the one line on stderr, no traceback, no crash; runs it cut short resume."""
-    commands = {  # (arguments, delays, counted from the first line of output)
-        "hopfield": (["experiments.hopfield", "verify"], (2.5, 3.5, 4.5, 5.5), False),
+    """SIGINT at several moments of each CLI (compiling, training, just after a save, between two
+    checks), each one after a line of output the command printed, while work is left: every one
+    ends with status 130, the one line on stderr, no traceback, no crash."""
+    commands = {  # (arguments, (lines of output to wait for, then seconds))
+        "hopfield": (["experiments.hopfield", "verify"], ((1, 0.0), (3, 0.5), (5, 0.0), (7, 1.0))),
         "cnn": (["experiments.cnn", "--data", str(intel_npz), "--epochs", "60", "--batch-size", "16",
-                 "--out", str(tmp_path / "cnn")], (0.0, 1.0, 2.5, 4.0), True),
+                 "--out", str(tmp_path / "cnn")], ((1, 0.0), (1, 1.0), (2, 0.0), (3, 0.3))),
         "p2g": (["experiments.p2g", "train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32",
-                 "--epochs", "60", "--out", str(tmp_path / "p2g")], (0.0, 1.5, 3.0, 5.0), True),
+                 "--epochs", "60", "--out", str(tmp_path / "p2g")], ((1, 0.0), (1, 1.5), (2, 0.0), (3, 0.2))),
     }
-    for name, (args, delays, after_first_line) in commands.items():
-        for delay in delays:
-            proc = interrupted(args, delay, after_first_line)
-            if proc.returncode == 0:  # finished first: nothing left to interrupt
-                continue
+    interrupted_runs = 0
+    for name, (args, moments) in commands.items():
+        for after_lines, delay in moments:
+            proc = interrupted(args, after_lines, delay)
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            assert proc.returncode == 130, (name, delay, proc.returncode, proc.stderr[-2000:])
-            assert len(lines) == 1 and lines[0].startswith("interrupted"), (name, delay, proc.stderr[-2000:])
-            assert "Traceback" not in proc.stdout + proc.stderr, (name, delay)
+            assert proc.returncode == 130, (name, after_lines, delay, proc.returncode, proc.stderr[-2000:])
+            assert len(lines) == 1 and lines[0].startswith("interrupted"), (name, after_lines, proc.stderr[-2000:])
+            assert "Traceback" not in proc.stdout + proc.stderr, (name, after_lines)
+            interrupted_runs += 1
+    assert interrupted_runs == 12
 
 
 @pytest.mark.slow
@@ -115,7 +116,7 @@ def test_ctrl_c_while_a_cli_starts_is_one_line_and_status_130(intel_npz, tmp_pat
     the process with the same line."""
     args = ["experiments.cnn", "--data", str(intel_npz), "--epochs", "1", "--out", str(tmp_path / "cnn")]
     for delay in (0.3, 0.7, 1.2):
-        proc = interrupted(args, delay, after_first_line=False)
+        proc = interrupted(args, 0, delay)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 130 and lines == ["interrupted"], (delay, proc.returncode, proc.stderr[-2000:])
 
@@ -287,19 +288,26 @@ def test_p2g_test_names_a_damaged_best_and_a_rerun_trains_on(p2g_dir, tmp_path):
 @pytest.mark.slow
 def test_two_runs_on_one_out_folder(p2g_dir, tmp_path):
     """A second training run on a folder another run is training into stops with one line and
-    leaves the first to finish as if alone."""
-    args = ["train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32", "--epochs", "6",
-            "--quiet", "--out", str(tmp_path / "run")]
+    leaves the first undisturbed: it goes on to its next epoch, and after a Ctrl-C the same command
+    resumes it to the end."""
+    args = ["train", "--data-dir", str(p2g_dir), "--hidden", "16", "--batch-size", "32", "--epochs", "60",
+            "--out", str(tmp_path / "run")]
     first = subprocess.Popen([sys.executable, "-m", "experiments.p2g", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "ckpt").is_dir() and time.time() < deadline:
-        time.sleep(0.2)
-    second = run_cli("experiments.p2g", *args)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
-    one_error_line(second, "another run is using")
-    assert len(saved_meta(tmp_path / "run")["history"]) == 6
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        while "epoch  1/60" not in first.stdout.readline():  # its first epoch saved: it holds the folder
+            assert first.poll() is None, first.communicate()
+        second = run_cli("experiments.p2g", *args, "--quiet")
+        one_error_line(second, "another run is using")
+        while "epoch  2/60" not in first.stdout.readline():  # and it trains on
+            assert first.poll() is None, first.communicate()
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 130
+    finally:
+        first.kill()
+    args[args.index("60")] = "4"
+    assert run_cli("experiments.p2g", *args, "--quiet").returncode == 0
+    assert len(saved_meta(tmp_path / "run")["history"]) == 4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import hopfield
 from hopfield import verify as verify_module
 from hopfield import cccp_retrieve, energy, energy_concave, energy_convex, lse
 from hopfield.verify import relative_error, run_checks
-from tests.conftest import run_cli
+from tests.conftest import assert_plot, run_cli
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -215,7 +215,7 @@ def test_cli_retrieve_writes_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in ("retrieval_vs_beta.png", "retrieval_examples.png", "energy_trajectory.png", "capacity.png",
                  "lookup_examples.png"):
-        assert (out / name).stat().st_size > 1000
+        assert_plot(out / name)
     import json
 
     summary = json.loads((out / "retrieval.json").read_text())

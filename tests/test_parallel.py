@@ -161,14 +161,28 @@ def test_p2g_cli_two_processes_match_one(tmp_path):
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
 
 
-def test_parallel_flags_are_checked(tmp_path):
+def test_jax_private_state_is_where_this_module_reads_it():
+    """common.jax_private reads JAX's private distributed state and cluster detectors: fails loudly
+    when a JAX release moves them (a one-process run has joined nothing; the detectors include
+    SLURM's and Open MPI's and can be asked)."""
+    from common import jax_private
+
+    assert jax_private.joined() is None
+    names = {env.__name__ for env in jax_private.cluster_environments()}
+    assert {"SlurmCluster", "OmpiCluster"} <= names, names
+    assert all(isinstance(env.is_env_present(), bool) for env in jax_private.cluster_environments()
+               if env.__name__ in ("SlurmCluster", "OmpiCluster"))
+
+
+def test_parallel_flags_are_checked(tmp_path, capsys):
     from experiments import cnn as cnn_cli
 
-    with pytest.raises(SystemExit) as exc:
-        cnn_cli.main(["--coordinator", "127.0.0.1:1", "--out", str(tmp_path)])
-    assert exc.value.code == 2
-    with pytest.raises(SystemExit):
-        cnn_cli.main(["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"])
+    for argv, expected in ((["--coordinator", "127.0.0.1:1"], "--coordinator, --num-processes and --process-id together"),
+                           (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+                            "--process-id must lie in 0..1")):
+        with pytest.raises(SystemExit) as exc:
+            cnn_cli.main([*argv, "--out", str(tmp_path)])
+        assert exc.value.code == 2 and expected in capsys.readouterr().err
 
 
 # The failure paths of a multi-process run: each ends every process with one line, never a
@@ -277,12 +291,10 @@ def test_ctrl_c_stops_a_process_waiting_for_its_peers(tmp_path):
             break
         except OSError:
             time.sleep(0.2)
-    time.sleep(1)
-    tick = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    _, err = finish(proc, timeout=30)
+    _, err = finish(proc, timeout=30)  # long before its 300 s join timeout
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
-    assert "Traceback" not in err and time.monotonic() - tick < 10
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -354,10 +366,8 @@ def test_a_process_that_stops_mid_training_stops_the_others_with_one_line(tmp_pa
                 break
         assert procs[1].poll() is None and procs[0].poll() is None, [f.read() for f in stderr]
         procs[1].send_signal(signal.SIGINT)
-        tick = time.monotonic()
         out1, _ = finish(procs[1], timeout=30)
-        finish(procs[0], timeout=90)
-        seconds = time.monotonic() - tick
+        finish(procs[0], timeout=90)  # within the heartbeat timeout: it saw the lost peer
     finally:
         for proc in procs:
             proc.kill()
@@ -365,5 +375,4 @@ def test_a_process_that_stops_mid_training_stops_the_others_with_one_line(tmp_pa
     assert procs[1].returncode == 130 and "interrupted" in err1
     assert procs[0].returncode == 1, err0
     assert_one_error_line(err0, "another process of this run stopped: ", "rerun every process with the same command")
-    assert seconds < 60
     assert "implementation" not in out1 and "epoch" not in out1
