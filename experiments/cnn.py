@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m experiments.cnn", description=__doc__.split("\n")[0])
     add_flags(parser, CNNConfig)
     config = from_args(parser, CNNConfig, parser.parse_args(argv))
-    log = logger(config.quiet or not start_parallel(config))  # only process 0 logs
+    logs = start_parallel(config)  # joins the processes of a multi-process run; only process 0 logs
+    log = logger(config.quiet or not logs)
     config = dataclasses.replace(config, impl=choose_impl(config.impl, log))
     if config.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
         tune_cpu()

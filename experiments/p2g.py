@@ -349,7 +349,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         config = from_args(train, P2GConfig, args)
-        log = logger(config.quiet or not start_parallel(config))  # only process 0 logs
+        logs = start_parallel(config)  # joins the processes of a multi-process run; only process 0 logs
+        log = logger(config.quiet or not logs)
         return cmd_train(dataclasses.replace(config, impl=choose_impl(config.impl, log)), log)
     if args.k is not None and args.topp is None:
         test.error("--k is the number of nucleus samples: it goes with --topp")
