@@ -98,8 +98,9 @@ def _processes(indices) -> str:
 def check_same_run(config, data: dict[str, str]) -> None:
     """In a multi-process run, end every process with one line (:class:`UserError`) unless all were
     started with the same ``config`` (but --process-id; --out too: orbax writes one checkpoint
-    from all processes, and waits forever for a folder another --out never gets) and read the same data (``data``: each split's :func:`experiments._training.fingerprint`): processes that differ would hang or fail in their first
-    collective, or train different models in step. Each process posts both to the coordination
+    from all processes, and waits forever for a folder another --out never gets) and read the same
+    data (``data``: each split's :func:`experiments._training.fingerprint`): processes that differ
+    would hang or fail in their first collective, or train different models in step. Each process posts both to the coordination
     service's key-value store; process 0 compares them with its own and posts the verdict, which
     the others wait for. The waits last at most ``--join-timeout`` seconds (a process that stopped
     before the check, or is still loading its data). No-op in a one-process run."""
@@ -115,26 +116,7 @@ def check_same_run(config, data: dict[str, str]) -> None:
     client.key_value_set(f"{key}/{index}", json.dumps(mine))
     timeout = config.join_timeout
     if index == 0:
-        deadline = time.monotonic() + timeout
-        verdict = {"differ": {}, "missing": []}
-        for other in range(1, run.num_processes):
-            posted = _wait_for(client, f"{key}/{other}", deadline)
-            if posted is None:
-                verdict["missing"].append(other)
-                continue
-            theirs = json.loads(posted)
-            names = [name for name in sorted(set(mine) | set(theirs)) if mine.get(name) != theirs.get(name)]
-            if names:
-                verdict["differ"][str(other)] = [
-                    ("the data", "other data here than on process 0") if name == "data" else
-                    (f"--{name.replace('_', '-')}", f"--{name.replace('_', '-')} {json.dumps(theirs.get(name))} here, "
-                                                    f"{json.dumps(mine.get(name))} on process 0")
-                    for name in names]
-        client.key_value_set(f"{key}/verdict", json.dumps(verdict))
-        if verdict["differ"] or verdict["missing"]:  # the service ends with this process: let the others read first
-            deadline = time.monotonic() + 30
-            for other in set(range(1, run.num_processes)) - set(verdict["missing"]):
-                _wait_for(client, f"{key}/read/{other}", deadline)
+        verdict = _verdict(client, key, mine, run.num_processes, timeout)
     else:
         posted = _wait_for(client, f"{key}/verdict", time.monotonic() + timeout + 10)  # after process 0's deadline
         if posted is None:
@@ -142,6 +124,38 @@ def check_same_run(config, data: dict[str, str]) -> None:
                             f"stopped, see its output, or is still loading its data: raise --join-timeout); {SAME_COMMAND}")
         client.key_value_set(f"{key}/read/{index}", "1")
         verdict = json.loads(posted)
+    _raise_verdict(verdict, index, timeout)
+
+
+def _differences(mine: dict, theirs: dict) -> list[tuple[str, str]]:
+    """(what, detail) for each setting of another process that differs from process 0's."""
+    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
+    return [("the data", "other data here than on process 0") if name == "data" else
+            (flag(name), f"{flag(name)} {json.dumps(theirs.get(name))} here, {json.dumps(mine.get(name))} on process 0")
+            for name in sorted(set(mine) | set(theirs)) if mine.get(name) != theirs.get(name)]
+
+
+def _verdict(client, key: str, mine: dict, processes: int, timeout: float) -> dict:
+    """Process 0's side of :func:`check_same_run`: every other process's post compared with its
+    own, the verdict posted (and, where the run must stop, read by the others before it returns)."""
+    deadline = time.monotonic() + timeout
+    verdict = {"differ": {}, "missing": []}
+    for other in range(1, processes):
+        posted = _wait_for(client, f"{key}/{other}", deadline)
+        if posted is None:
+            verdict["missing"].append(other)
+        elif differences := _differences(mine, json.loads(posted)):
+            verdict["differ"][str(other)] = differences
+    client.key_value_set(f"{key}/verdict", json.dumps(verdict))
+    if verdict["differ"] or verdict["missing"]:  # the service ends with this process: let the others read first
+        deadline = time.monotonic() + 30
+        for other in set(range(1, processes)) - set(verdict["missing"]):
+            _wait_for(client, f"{key}/read/{other}", deadline)
+    return verdict
+
+
+def _raise_verdict(verdict: dict, index: int, timeout: float) -> None:
+    """The one-line :class:`UserError` a verdict of :func:`_verdict` means for process ``index``."""
     if str(index) in verdict["differ"]:
         details = "; ".join(detail for _, detail in verdict["differ"][str(index)])
         raise UserError(f"this process was started with other settings than process 0 ({details}); {SAME_COMMAND}")

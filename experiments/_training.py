@@ -208,6 +208,20 @@ def metrics(part: str, config: dict, runs: dict[str, Run], selected: str | None,
             "wall_s": sum(h["seconds"] for run in runs.values() for h in run.meta["history"])}
 
 
+def batch_devices(batch_size: int, examples: int, what: str, devices: int | None) -> list:
+    """The devices a run splits its batches over (:func:`experiments._parallel.run_devices`), after
+    checking that a batch of ``batch_size`` fits the ``examples`` training examples (``what``: "images
+    of FILE") and splits evenly over the devices."""
+    from experiments._parallel import run_devices
+
+    if batch_size > examples:
+        raise UserError(f"--batch-size {batch_size} is more than the {examples} training {what}")
+    chosen = run_devices(devices)
+    if batch_size % len(chosen):
+        raise UserError(f"--batch-size {batch_size} must be a multiple of the {len(chosen)} devices")
+    return chosen
+
+
 def read_best(directory: Path, check_meta: Callable[[dict], None], make_trainer: Callable[[dict], Any]):
     """``(trainer, state, meta)`` of the best epoch in the checkpoint folder ``directory``, read only:
     ``check_meta`` sees its meta first (raising where another kind of run wrote it), and

@@ -28,8 +28,8 @@ import jax
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.parallel import is_main_process
 from experiments._checkpoint import CheckpointError, Checkpoints, is_checkpoint_dir
-from experiments._parallel import check_same_run, run_devices, start_parallel
-from experiments._training import Run, fingerprint, fit, metrics, read_best, read_metrics, select, write_metrics
+from experiments._parallel import check_same_run, start_parallel
+from experiments._training import Run, batch_devices, fingerprint, fit, metrics, read_best, read_metrics, select, write_metrics
 from experiments.configs import CNNConfig, add_flags, from_args, recorded
 from experiments._cnn_plots import plot_confusion, plot_curves
 from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
@@ -123,17 +123,14 @@ def training_data(config: CNNConfig, log):
         raise UserError(f"{data}: training needs non-empty train and val splits")
     fingerprints = data_fingerprints(splits)
     check_same_run(config, fingerprints)
-    if config.batch_size > len(splits.train):
-        raise UserError(f"--batch-size {config.batch_size} is more than the {len(splits.train)} training images of {data}")
     log_duplicates(splits, warn)
     return splits, fingerprints
 
 
 def start_runs(config: CNNConfig, splits, fingerprints, name: str, log) -> tuple[list[Run], list[Trainer]]:
     """One :class:`Run` and trainer per learning rate, resumed where their folders hold epochs."""
-    out, devices = config.workdir, run_devices(config.devices)
-    if config.batch_size % len(devices):
-        raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices")
+    out = config.workdir
+    devices = batch_devices(config.batch_size, len(splits.train), f"images of {config.data}", config.devices)
     out.mkdir(parents=True, exist_ok=True)
     log(f"{name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test) if splits.test else 0} test "
         f"images from {config.data}; batches split over {len(devices)} device(s) in {jax.process_count()} "

@@ -21,8 +21,8 @@ import numpy as np
 
 from common.parallel import is_main_process
 from experiments._checkpoint import CheckpointError, is_checkpoint_dir
-from experiments._parallel import check_same_run, run_devices, start_parallel
-from experiments._training import Run, fingerprint, fit, metrics, read_best, read_metrics, write_metrics
+from experiments._parallel import check_same_run, start_parallel
+from experiments._training import Run, batch_devices, fingerprint, fit, metrics, read_best, read_metrics, write_metrics
 from experiments.configs import P2GConfig, add_flags, from_args, recorded
 from experiments._plots import pyplot
 from experiments._xla import choose_impl
@@ -103,14 +103,17 @@ def report(result: dict, out: Path, log) -> None:
                            **({"test_cer": test["cer"], "test_wer": test["wer"]} if test else {}), "wall_s": result["wall_s"]}))
 
 
+def describe(config: P2GConfig, trainer: Trainer) -> dict:
+    """metrics.json's model name, parameter count, devices and processes."""
+    return {"model": {None: "no_attention", "bahdanau": "bahdanau_attention"}.get(config.attn, "hopfield_attention"),
+            "params": sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state().params)),
+            "devices": trainer.mesh.size, "processes": jax.process_count()}
+
+
 def cmd_train(config: P2GConfig, log) -> int:
     out, (data, identity, source) = config.workdir, encoded_splits(config, log)
     train, valid, tgt_vocab = data["train"], data["valid"], Vocab(tuple(identity["tgt_vocab"]))
-    if config.batch_size > len(train):
-        raise UserError(f"--batch-size {config.batch_size} is more than the {len(train)} training pairs of {source}")
-    devices = run_devices(config.devices)
-    if config.batch_size % len(devices):
-        raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices")
+    devices = batch_devices(config.batch_size, len(train), f"pairs of {source}", config.devices)
     out.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(identity, devices, config.impl)
     run = Run(out, identity, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
@@ -128,9 +131,7 @@ def cmd_train(config: P2GConfig, log) -> int:
     fit([run], lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
         steps=math.ceil(len(train) / config.batch_size))
     run.close()
-    described = {"model": {None: "no_attention", "bahdanau": "bahdanau_attention"}.get(config.attn, "hopfield_attention"),
-                 "params": sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state().params)),
-                 "devices": len(devices), "processes": jax.process_count()}
+    described = describe(config, trainer)
     if run.best is None:
         write_metrics(out, metrics("p2g", recorded(config), {f"{config.lr:g}": run}, None, None, **described))
         raise UserError(f"the run diverged before its first validation; nothing to select (history in {out / 'metrics.json'})")
@@ -319,15 +320,11 @@ def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out
     return written
 
 
-def main(argv=None) -> int:
+def add_test_flags(test) -> None:
+    """The flags of ``p2g test`` (evaluation, not training: no config of a run)."""
     from experiments._cli import non_negative_int, seed
     from p2g.data import normalise
 
-    parser = ArgumentParser(prog="python -m experiments.p2g", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model; keep the best checkpoint by validation CER")
-    add_flags(train, P2GConfig)
-    test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
     test.add_argument("--checkpoint", type=Path, required=True, help="a train --out folder or its ckpt/ folder")
     source = test.add_mutually_exclusive_group()
     source.add_argument("--data-dir", type=Path,
@@ -346,6 +343,15 @@ def main(argv=None) -> int:
                       help="attention heat maps for these words (NFC-normalised, as the data)")
     test.add_argument("--plot-dir", type=folder, help="where heat maps go (default: beside the checkpoint)")
     add_run_options(test, "p2g.xla_cpu")
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m experiments.p2g", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model; keep the best checkpoint by validation CER")
+    add_flags(train, P2GConfig)
+    test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
+    add_test_flags(test)
     args = parser.parse_args(argv)
     if args.command == "train":
         config = from_args(train, P2GConfig, args)
