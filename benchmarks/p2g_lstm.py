@@ -42,7 +42,7 @@ def main(argv=None) -> None:
 
     def gradient(impl, dropout):
         trainer = Trainer(45, 32, attention=args.attn, dropout=dropout, impl=impl)
-        grad = jax.jit(lambda p, k: jax.value_and_grad(trainer._loss)(p, batch, k))
+        grad = jax.jit(lambda p, k: jax.value_and_grad(lambda q: trainer._loss(q, {}, batch, k)[0])(p))
         params = trainer.init_state().params
         jax.block_until_ready(grad(params, key))
         return grad, params

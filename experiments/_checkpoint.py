@@ -36,6 +36,10 @@ class FolderInUse(CheckpointError):
     """Another process holds the run folder's lock."""
 
 
+class NoReadableStep(CheckpointError):
+    """A training run's checkpoint folder that cannot be opened or holds no readable step."""
+
+
 class EarlierLayout(CheckpointError):
     """A run folder written by an earlier version of the training commands (``best/`` beside ``ckpt/``)."""
 
@@ -64,10 +68,19 @@ class Checkpoints:
             raise CheckpointError(self.directory, "a file where a checkpoint folder belongs")
         self.read_only = read_only
         self._lock = _lock(self.directory.parent) if lock else None
+        try:
+            self.manager = self._open(read_only)
+        except Exception as err:  # noqa: BLE001 - a step's damaged metrics file, read when the folder opens
+            if self._lock is not None:
+                self._lock.close()
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise NoReadableStep(self.directory, f"cannot be opened ({type(err).__name__}: {reason})") from None
+
+    def _open(self, read_only: bool) -> ocp.CheckpointManager:
         keep = policies.AnyPreservationPolicy([
             policies.LatestN(2),  # the last epoch, and the one before it (a vmapped sweep rewinds to it)
             policies.BestN(get_metric_fn=_ranking, n=1, keep_checkpoints_without_metrics=False)])
-        self.manager = ocp.CheckpointManager(
+        return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 best_fn=_ranking, best_mode="max", preservation_policy=None if read_only else keep,
@@ -131,7 +144,7 @@ class Checkpoints:
             return step, state, meta
         if not steps:
             return None
-        raise CheckpointError(self.directory, "no readable checkpoint step")
+        raise NoReadableStep(self.directory, "no readable checkpoint step")
 
     def close(self) -> None:
         try:

@@ -182,10 +182,10 @@ def run(
 
 def checkpoint_hints() -> dict[type[Exception], str]:
     """What the training commands add to a checkpoint error's line: the flags that get past it."""
-    from experiments._checkpoint import CheckpointError, EarlierLayout, FolderInUse
+    from experiments._checkpoint import EarlierLayout, FolderInUse, NoReadableStep
 
     return {FolderInUse: "wait for it to end or choose another --out", EarlierLayout: "train into a new --out",
-            CheckpointError: "remove the folder or choose another --out"}
+            NoReadableStep: "train into another --out (or remove the folder to start afresh)"}
 
 
 def warn(message: str) -> None:

@@ -4,7 +4,8 @@ and the ``metrics.json`` every run writes (devices and processes: :mod:`experime
 
 A part provides a trainer (``init_state``, ``abstract_state`` and an epoch function) and a
 validation function; this module does the rest the same way for both. One run is one folder with
-``ckpt/`` (every epoch) and ``best/`` (the best validation epoch, :mod:`experiments._checkpoint`).
+one checkpoint folder, ``ckpt/`` (:mod:`experiments._checkpoint`). Epochs are 0-based in the loop,
+1-based in the records (``epoch``, ``best_epoch``); epoch ``e`` (1-based) is checkpoint step ``e - 1``.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
     python -m experiments.cnn --evaluate runs/cnn --data FILE.npz
 
 Writes to --out: metrics.json, training_loss.png, val_accuracy.png, confusion_matrix.png and, per
-learning rate, lr_<lr>/ckpt (orbax, every epoch) and lr_<lr>/best (best validation accuracy).
-Rerunning an interrupted command resumes from the last epoch checkpoint and ends with the same
+learning rate, lr_<lr>/ckpt (orbax: every epoch saved, the latest two and the best validation
+accuracy kept). Rerunning an interrupted command resumes from the last epoch checkpoint and ends with the same
 metrics as an uninterrupted run.
 """
 
@@ -130,6 +130,7 @@ def training_data(config: CNNConfig, log):
 def start_runs(config: CNNConfig, splits, fingerprints, name: str, log) -> tuple[list[Run], list[Trainer]]:
     """One :class:`Run` and trainer per learning rate, resumed where their folders hold epochs."""
     out = config.workdir
+    read_metrics(out, "cnn")  # a one-line error where the P2G command wrote it
     devices = batch_devices(config.batch_size, len(splits.train), f"images of {config.data}", config.devices)
     out.mkdir(parents=True, exist_ok=True)
     log(f"{name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test) if splits.test else 0} test "
@@ -210,7 +211,7 @@ def find_best_checkpoint(path: Path) -> Path:
             raise UserError(f"{path / 'metrics.json'}: no selected run (expected the metrics.json "
                             "of a finished training run)")
         path = path / Path(checkpoint).parent.name  # lr_<lr>, wherever the run folder has moved
-    if (path / "best").is_dir() or path.name == "best":
+    if (path / "best").is_dir() or path.name == "best" or path.name == "ckpt" and (path.parent / "best").is_dir():
         raise UserError(f"{path}: written by an earlier version of this command (best/ beside ckpt/); "
                         "train again into a new --out to evaluate with this version")
     if is_checkpoint_dir(path / "ckpt"):

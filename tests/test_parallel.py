@@ -125,16 +125,18 @@ def test_cnn_cli_two_processes_match_one_and_resume_in_one(tmp_path):
     from cnn.train import Trainer
 
     np.savez(tmp_path / "tiny.npz", **tiny_splits(n_train=32))
-    common = ["--data", str(tmp_path / "tiny.npz"), "--lr", "0.05", "--quiet"]
+    # lr 0.01: at 0.05 the float32 reassociation of the two processes' all-reduce (7e-8 after the
+    # first epoch) grows past the bound within three epochs
+    common = ["--data", str(tmp_path / "tiny.npz"), "--lr", "0.01", "--quiet"]
     run_processes(1, ["experiments.cnn"], [*common, "--epochs", "3", "--out", str(tmp_path / "one")])
     two = run_processes(2, ["experiments.cnn"], [*common, "--epochs", "2", "--out", str(tmp_path / "two")])
     assert '"val_acc"' in two[0].stdout and '"val_acc"' not in two[1].stdout  # only process 0 prints the result
     # the two-process checkpoint, resumed by one process for its last epoch
     run_processes(1, ["experiments.cnn"], [*common, "--epochs", "3", "--out", str(tmp_path / "two")])
-    assert_histories_close(history(tmp_path / "one", "0.05"), history(tmp_path / "two", "0.05"))
-    trainer = Trainer(False, 0.05, 8)
-    chex.assert_trees_all_close(final_params(tmp_path / "two" / "lr_0.05" / "ckpt", trainer),
-                                final_params(tmp_path / "one" / "lr_0.05" / "ckpt", trainer), rtol=1e-4, atol=1e-6)
+    assert_histories_close(history(tmp_path / "one", "0.01"), history(tmp_path / "two", "0.01"))
+    trainer = Trainer(False, 0.01, 8)
+    chex.assert_trees_all_close(final_params(tmp_path / "two" / "lr_0.01" / "ckpt", trainer),
+                                final_params(tmp_path / "one" / "lr_0.01" / "ckpt", trainer), rtol=1e-4, atol=1e-6)
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["processes"] == 1 and metrics["selected"]["epoch"] is not None
 
