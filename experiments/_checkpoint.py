@@ -50,6 +50,15 @@ def is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and any(child.name.isdigit() for child in path.iterdir())
 
 
+def run_checkpoints(path: Path) -> Path | None:
+    """The checkpoint folder of the run folder ``path`` (its ``ckpt/``), or ``path`` where it is one
+    itself; None where it is neither. Raises :class:`EarlierLayout` for a folder of the two-folder
+    layout (``best/`` beside ``ckpt/``), reached through the run folder or either of the two."""
+    if (path / "best").is_dir() or path.name == "best" or path.name == "ckpt" and (path.parent / "best").is_dir():
+        raise EarlierLayout(path, "written by an earlier version (a best/ folder beside ckpt/)")
+    return next((folder for folder in (path / "ckpt", path) if is_checkpoint_dir(folder)), None)
+
+
 def _ranking(metrics: dict) -> tuple[float, int]:
     """orbax's best_fn: the signed selection value (higher is better), the earlier epoch on ties."""
     return metrics["score"], -metrics["epoch"]

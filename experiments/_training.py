@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments._checkpoint import Checkpoints, EarlierLayout
+from experiments._checkpoint import Checkpoints, run_checkpoints
 from experiments._cli import UserError, read_json, write_json
 
 
@@ -44,8 +44,7 @@ class Run:
         config = {"kind": kind, **config}
         self.meta = self._fresh = {"config": config, "history": [], "diverged": False, "best_epoch": None,
                                    f"best_{metric}": None}
-        if (self.directory / "best").is_dir():
-            raise EarlierLayout(self.directory, "written by an earlier version (a best/ folder beside ckpt/)")
+        run_checkpoints(self.directory)  # refuses a folder of the earlier layout
         self.checkpoints = Checkpoints(self.directory / "ckpt", lock=True)
         self.trainer = trainer  # its init_state() and abstract_state() give the state's shapes
         self.state = trainer.init_state()

@@ -27,7 +27,7 @@ import jax
 
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.parallel import is_main_process
-from experiments._checkpoint import CheckpointError, Checkpoints, is_checkpoint_dir
+from experiments._checkpoint import CheckpointError, Checkpoints, run_checkpoints
 from experiments._parallel import check_same_run, start_parallel
 from experiments._training import Run, batch_devices, fingerprint, fit, metrics, read_best, read_metrics, select, write_metrics
 from experiments.configs import CNNConfig, add_flags, from_args, recorded
@@ -211,18 +211,14 @@ def find_best_checkpoint(path: Path) -> Path:
             raise UserError(f"{path / 'metrics.json'}: no selected run (expected the metrics.json "
                             "of a finished training run)")
         path = path / Path(checkpoint).parent.name  # lr_<lr>, wherever the run folder has moved
-    if (path / "best").is_dir() or path.name == "best" or path.name == "ckpt" and (path.parent / "best").is_dir():
-        raise UserError(f"{path}: written by an earlier version of this command (best/ beside ckpt/); "
-                        "train again into a new --out to evaluate with this version")
-    if is_checkpoint_dir(path / "ckpt"):
-        path = path / "ckpt"
-    if not is_checkpoint_dir(path):
+    folder = run_checkpoints(path)
+    if folder is None:
         runs = sorted(d.name for d in path.glob("lr_*/") if d.is_dir())
         if runs:  # a sweep's --out without metrics.json (stopped before the end): name its runs
             raise UserError(f"{path}: no metrics.json to say which run was selected; pass one of its runs "
                             f"({', '.join(str(path / r) for r in runs)})")
         raise UserError(f"{path}: no checkpoint here (expected a training --out, an lr_<lr> run or its ckpt/ folder)")
-    return path
+    return folder
 
 
 def cmd_evaluate(config: CNNConfig, log) -> int:

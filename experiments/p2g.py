@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from common.parallel import is_main_process
-from experiments._checkpoint import CheckpointError, is_checkpoint_dir
+from experiments._checkpoint import CheckpointError, run_checkpoints
 from experiments._parallel import check_same_run, start_parallel
 from experiments._training import Run, batch_devices, fingerprint, fit, metrics, read_best, read_metrics, write_metrics
 from experiments.configs import P2GConfig, add_flags, from_args, recorded
@@ -165,14 +165,10 @@ def resolve_checkpoint(path: Path) -> Path:
     written = read_metrics(path, "p2g")  # a one-line error where the CNN's command wrote it
     if not written and any(path.glob("lr_*/ckpt")):
         raise UserError(f"{path}: a CNN run, not a P2G one (expected a --out of python -m experiments.p2g train)")
-    if (path / "best").is_dir() or path.name == "best" or path.name == "ckpt" and (path.parent / "best").is_dir():
-        raise UserError(f"{path}: written by an earlier version of this command (best/ beside ckpt/); "
-                        "train again into a new --out to test with this version")
-    if is_checkpoint_dir(path / "ckpt"):
-        path = path / "ckpt"
-    if not is_checkpoint_dir(path):
+    folder = run_checkpoints(path)
+    if folder is None:
         raise UserError(f"{path}: no checkpoint here (expected a train --out folder or its ckpt/ folder)")
-    return path
+    return folder
 
 
 def test_pairs(args, config, log):

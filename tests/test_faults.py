@@ -288,7 +288,8 @@ def test_ckpt_replaced_by_a_file_and_an_earlier_layout_are_one_line_errors(intel
         Checkpoints(tmp_path / "a" / "ckpt")
     (tmp_path / "old" / "lr_0.01" / "best" / "0").mkdir(parents=True)  # the two-folder layout
     (tmp_path / "old" / "lr_0.01" / "ckpt" / "0").mkdir(parents=True)
-    for argv in (["--out", str(tmp_path / "old"), "--epochs", "1"], ["--evaluate", str(tmp_path / "old" / "lr_0.01")]):
+    for argv in (["--out", str(tmp_path / "old"), "--epochs", "1"], ["--evaluate", str(tmp_path / "old" / "lr_0.01")],
+                 ["--evaluate", str(tmp_path / "old" / "lr_0.01" / "ckpt")]):
         proc = run_cli("experiments.cnn", "--data", str(intel_npz), "--batch-size", "4", *argv)
         one_error_line(proc, "written by an earlier version")
         assert "new --out" in proc.stderr
