@@ -61,7 +61,7 @@ if what == "p2g":
         times.append(time.perf_counter() - tick)
     print(json.dumps({"seconds": min(times[1:]), "first": times[0], "words": len(data)}))
 else:  # cnn
-    from experiments._xla import cnn_retains_memory, tune_cpu
+    from common.xla_cpu import cnn_retains_memory, tune_cpu
     tune_cpu()
     cnn_retains_memory(options["batch"])
     import jax

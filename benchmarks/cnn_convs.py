@@ -7,7 +7,7 @@ of ``--rounds`` rounds of 10 calls: our forward, input gradient (``dx``) and ker
 (``dk``) as separate jitted programs, and PyTorch's forward (no grad) and forward+backward
 (``Conv2d`` with bias, NCHW, 2 threads). The first layer's ``dx`` is left out of our total, as a
 training step never computes it (its input is the images). Set up as ``experiments.cnn``
-(XLA:CPU flags and the allocator setting of ``experiments/_xla.py`` for the batch size; ``--xla-defaults`` leaves
+(XLA:CPU flags and the allocator setting of ``common/xla_cpu.py`` for the batch size; ``--xla-defaults`` leaves
 both alone). This separates the convolutions from the rest of a training step
 (``benchmarks.cnn_profile``): docs/performance.md, "Where the targets stand".
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from experiments._xla import cnn_retains_memory, tune_cpu
+from common.xla_cpu import cnn_retains_memory, tune_cpu
 
 LAYERS = ((48, 3, 32), (24, 32, 64), (12, 64, 128))  # (side, in channels, out channels)
 

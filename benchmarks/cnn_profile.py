@@ -4,7 +4,7 @@
                                      [--xla-defaults] [--keep-allocator]
 
 Runs the real :class:`cnn.train.Trainer` step on synthetic data, set up as ``experiments.cnn``
-sets itself up (XLA:CPU flags and, from batch 32, :func:`experiments._xla.retain_freed_memory`; ``--xla-defaults``
+sets itself up (XLA:CPU flags and, from batch 32, :func:`common.xla_cpu.retain_freed_memory`; ``--xla-defaults``
 leaves both alone, ``--keep-allocator`` only the allocator). Prints the median step time, the
 minor page faults per step, then the XLA thunks (fusions, library calls) that took the most time
 in a ``jax.profiler`` trace of 5 steps, summed over the threads that ran them. This is how the
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments._xla import cnn_retains_memory, tune_cpu
+from common.xla_cpu import cnn_retains_memory, tune_cpu
 
 
 def thunk_times(trace_dir: str, steps: int) -> collections.Counter:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from experiments._xla import tune_cpu
+from common.xla_cpu import tune_cpu
 
 tune_cpu()  # the settings experiments.cnn runs with (HW2_XLA_DEFAULTS=1: XLA's own), before jax computes
 

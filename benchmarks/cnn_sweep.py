@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-from experiments._xla import tune_cpu
+from common.xla_cpu import tune_cpu
 
 
 def main(argv=None) -> None:

@@ -38,7 +38,7 @@ if options.get("cores") is not None:
 import jax
 if options.get("devices"):
     jax.config.update("jax_num_cpu_devices", options["devices"])
-from experiments._xla import tune_cpu
+from common.xla_cpu import tune_cpu
 tune_cpu()
 if options.get("coordinator"):
     from common.parallel import initialize

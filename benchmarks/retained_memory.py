@@ -1,5 +1,5 @@
 """Page faults of a large buffer freed and allocated again from a worker thread (as XLA:CPU's
-threads do), with and without ``experiments._xla.retain_freed_memory``: a measurement of the
+threads do), with and without ``common.xla_cpu.retain_freed_memory``: a measurement of the
 xla_cpu implementation's allocator setting, printed, not a test (it depends on the C library).
 
     python -m benchmarks.retained_memory
@@ -21,7 +21,7 @@ from pathlib import Path
 FRESH_BUFFER_FAULTS = """
 import resource, sys, threading
 import numpy as np
-from experiments._xla import cnn_retains_memory, retain_freed_memory
+from common.xla_cpu import cnn_retains_memory, retain_freed_memory
 mode = sys.argv[1]
 took = retain_freed_memory() if mode == "retain" else cnn_retains_memory(int(mode[4:])) if mode.startswith("cnn-") else None
 getattr(np._core.multiarray, "_set_madvise_hugepage", lambda on: None)(False)  # 4 KiB pages, as XLA's buffers

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
+from common.xla_cpu import choose_impl, cnn_retains_memory, tune_cpu
 
 try:
     import torch
@@ -324,7 +324,7 @@ BUILDERS = {
 def setup_process(group: str, args, batch: int | None = None, impl: str = "reference") -> None:
     """Set this process up as the command-line tool of ``group`` sets itself up, before the first
     computation: ``experiments.cnn`` with the ``xla_cpu`` implementation tunes XLA:CPU, and the C
-    allocator from batch 32 on (experiments/_xla.py), ``experiments.p2g`` asks for two host
+    allocator from batch 32 on (common/xla_cpu.py), ``experiments.p2g`` asks for two host
     host devices where --p2g-devices asks for them; otherwise XLA's defaults. Why a process per group, and per batch size and
     implementation for the CNN: the settings last as long as the process, and the allocator
     setting (one malloc arena) slows the P2G step and the CNN's steps at batch 8

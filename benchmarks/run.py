@@ -31,7 +31,7 @@ from pathlib import Path
 
 GROUPS = ("cnn", "p2g", "hopfield")
 # the processes of each group (each also times the matmul peak first); the CNN's tool sets the C
-# allocator up by batch size (experiments._xla.cnn_retains_memory), so each batch size has its own;
+# allocator up by batch size (common.xla_cpu.cnn_retains_memory), so each batch size has its own;
 # "@alt": the implementation --impl auto does not pick here
 PROCESSES = {"cnn": ("cnn-b8", "cnn-b64", "cnn-b8@alt", "cnn-b64@alt"), "p2g": ("p2g", "p2g@alt"), "hopfield": ("hopfield",)}
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="row groups to run")
     parser.add_argument("--xla-defaults", action="store_true",
                         help="leave XLA's CPU defaults and the C allocator alone for the CNN rows "
-                             "(otherwise the settings of experiments/_xla.py, as experiments.cnn)")
+                             "(otherwise the settings of common/xla_cpu.py, as experiments.cnn)")
     parser.add_argument("--p2g-devices", type=int, metavar="N",
                         help="devices a P2G training batch is split over (default: as experiments.p2g: 1 on a CPU)")
     args = parser.parse_args(argv)

@@ -10,11 +10,13 @@ Each process draws the same batch indices and feeds only the rows of its own dev
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -134,6 +136,81 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if failure:
         raise failure[0]
     return True
+
+
+class NotAlike(Exception):
+    """Processes of a run that were not started alike (:func:`check_alike`). ``differ``: for each
+    process whose value differs from process 0's, the names of the entries that differ, with that
+    process's and process 0's values; ``missing``: processes whose value did not come in time
+    (``[0]`` on another process: process 0's verdict did not come); ``here``: this process."""
+
+    def __init__(self, differ: dict[int, list[tuple[str, Any, Any]]], missing: list[int], here: int, timeout: float):
+        super().__init__(f"processes {sorted(differ)} differ, {missing} missing")
+        self.differ, self.missing, self.here, self.timeout = differ, missing, here, timeout
+
+
+def _wait_for(client, key: str, deadline: float) -> str | None:
+    """The value of ``key`` in the coordination service's key-value store once a process posts it,
+    or None at ``deadline``; polled from Python, so that Ctrl-C works while it waits."""
+    while True:
+        try:
+            return client.key_value_try_get(key)
+        except jax.errors.JaxRuntimeError:  # NOT_FOUND: not posted yet
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+
+
+def check_alike(value: dict, timeout: float, key: str = "check_alike") -> None:
+    """In a multi-process run, raise :class:`NotAlike` on every process unless every process
+    passed the same JSON-ready ``value`` (its settings and data fingerprints): processes started
+    differently would hang or fail in their first collective, or train different models in step.
+    Each process posts its value to the coordination service's key-value store; process 0 compares
+    them with its own and posts the verdict, which the others wait for. The waits last at most
+    ``timeout`` seconds (a process that stopped before the check, or is still loading its data).
+    No-op in a one-process run."""
+    from common.jax_private import joined
+
+    run = joined()
+    if run is None:
+        return
+    client, here = run.client, run.process_id
+    mine = json.loads(json.dumps(value, sort_keys=True, default=str))
+    client.key_value_set(f"{key}/{here}", json.dumps(mine))
+    if here == 0:
+        verdict = _verdict(client, key, mine, run.num_processes, timeout)
+    else:
+        posted = _wait_for(client, f"{key}/verdict", time.monotonic() + timeout + 10)  # after process 0's deadline
+        if posted is None:
+            raise NotAlike({}, [0], here, timeout)
+        client.key_value_set(f"{key}/read/{here}", "1")
+        verdict = json.loads(posted)
+    differ = {int(k): [tuple(d) for d in v] for k, v in verdict["differ"].items()}
+    if differ or verdict["missing"]:
+        raise NotAlike(differ, verdict["missing"], here, timeout)
+
+
+def _verdict(client, key: str, mine: dict, processes: int, timeout: float) -> dict:
+    """Process 0's side of :func:`check_alike`: every other process's value compared with its own,
+    the verdict posted (and, where the run must stop, read by the others before it returns)."""
+    deadline = time.monotonic() + timeout
+    verdict = {"differ": {}, "missing": []}
+    for other in range(1, processes):
+        posted = _wait_for(client, f"{key}/{other}", deadline)
+        if posted is None:
+            verdict["missing"].append(other)
+            continue
+        theirs = json.loads(posted)
+        differ = [(name, theirs.get(name), mine.get(name)) for name in sorted(set(mine) | set(theirs))
+                  if mine.get(name) != theirs.get(name)]
+        if differ:
+            verdict["differ"][str(other)] = differ
+    client.key_value_set(f"{key}/verdict", json.dumps(verdict))
+    if verdict["differ"] or verdict["missing"]:  # the service ends with this process: let the others read first
+        deadline = time.monotonic() + 30
+        for other in set(range(1, processes)) - set(verdict["missing"]):
+            _wait_for(client, f"{key}/read/{other}", deadline)
+    return verdict
 
 
 def joined_process_index() -> int:

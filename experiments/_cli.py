@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import secrets
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,38 +61,6 @@ class ArgumentParser(argparse.ArgumentParser):
                     parser = action.choices[getattr(parsed, action.dest)]
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
-
-
-class _FailedReadLeftovers(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for the reads of a restore that failed."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Task exception was never retrieved")
-
-
-def quiet_failed_reads() -> None:
-    """When one array of a restore cannot be read, orbax gives up and closes the event loop it ran
-    the restore in, while tensorstore is still completing the other reads: each of them then
-    printed an "Event loop is closed" traceback (through ``sys.unraisablehook``, from tensorstore's
-    threads, at any moment after) or an asyncio "Task exception was never retrieved" log, after
-    the one line that reports the damaged step. Those, and only those, are dropped; installed by
-    :func:`run` before the first read because they can come before the failure reaches the caller."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_callbacks", False):
-        return
-
-    def hook(unraisable) -> None:
-        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-        if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-                and frames and frames[0].name == "call_soon_threadsafe"):
-            return
-        previous(unraisable)
-
-    hook.drops_closed_loop_callbacks = True
-    sys.unraisablehook = hook
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _FailedReadLeftovers) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_FailedReadLeftovers())
 
 
 # What Ctrl-C prints: a training command that has written checkpoints says how to resume.
@@ -158,6 +124,8 @@ def run(
     caller in the same process, a test) they raise ``SystemExit`` as usual."""
     from experiments._parallel import lost_process_hook
 
+    from common.checkpoint import quiet_failed_reads
+
     hard = argv is None
     quiet_failed_reads()
     if hard:  # the process-wide hooks: Ctrl-C, and a lost peer of a multi-process run
@@ -182,10 +150,12 @@ def run(
 
 def checkpoint_hints() -> dict[type[Exception], str]:
     """What the training commands add to a checkpoint error's line: the flags that get past it."""
-    from experiments._checkpoint import EarlierLayout, FolderInUse, NoReadableStep
+    from common.checkpoint import EarlierLayout, FolderInUse, NoReadableStep
+    from common.training import MoreEpochs, OtherRun
 
     return {FolderInUse: "wait for it to end or choose another --out", EarlierLayout: "train into a new --out",
-            NoReadableStep: "train into another --out (or remove the folder to start afresh)"}
+            NoReadableStep: "train into another --out (or remove the folder to start afresh)",
+            MoreEpochs: "choose another --out or at least as many --epochs", OtherRun: "choose another --out"}
 
 
 def warn(message: str) -> None:
@@ -224,27 +194,30 @@ def read_json(path: str | Path, what: str):
         raise UserError(f"{path}: not readable JSON ({err}); expected {what}") from None
 
 
-def _number(text: str, kind=float):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+def number(kind: type, test: Callable[[float], bool], rule: str, name: str) -> Callable[[str], float]:
+    """An argparse ``type``: the text as ``kind`` (int or float) where ``test`` holds for it, else
+    argparse's one-line error saying ``rule`` ("must be ...")."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (a learning rate, a beta)."""
-    value = _number(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    """A number in [0, 1] (NaN refused)."""
-    value = _number(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
+SEED_LIMIT = 2**32  # what jax.random.key, NumPy and Python's random all take
+positive_float = number(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0", "positive_float")
+unit_interval = number(float, lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]", "unit_interval")
+probability = number(float, lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]", "probability")  # a nucleus mass
+dropout_rate = number(float, lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)", "dropout_rate")  # 1 trains nothing
+positive_int = number(int, lambda v: v > 0, "must be a positive integer", "positive_int")
+non_negative_int = number(int, lambda v: v >= 0, "must be an integer >= 0", "non_negative_int")
+seed = number(int, lambda v: 0 <= v < SEED_LIMIT, "must be an integer in [0, 2**32)", "seed")
 
 
 def folder(text: str) -> Path:
@@ -254,47 +227,6 @@ def folder(text: str) -> Path:
     if blocked is not None:
         raise argparse.ArgumentTypeError(f"{blocked} is a file, expected a folder (or a path where none exists yet)")
     return path
-
-
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-SEED_LIMIT = 2**32
-
-
-def seed(text: str) -> int:
-    """A PRNG seed, 0 <= seed < 2**32: what ``jax.random.key``, NumPy and Python's ``random`` all take."""
-    value = _number(text, int)
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A value in (0, 1]: a nucleus (top-p) mass."""
-    value = _number(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
-
-
-def dropout_rate(text: str) -> float:
-    """A value in [0, 1): a dropout rate (1 would drop everything and train nothing)."""
-    value = _number(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
 
 
 def _finite(value):
@@ -310,17 +242,6 @@ def _finite(value):
 def strict_json(value, **kwargs) -> str:
     """``json.dumps`` that any JSON reader accepts: NaN and infinities become ``null``."""
     return json.dumps(_finite(value), allow_nan=False, **kwargs)
-
-
-def add_run_options(parser: argparse.ArgumentParser, kernels: str) -> None:
-    """``--impl`` (the model implementation; ``kernels`` names the xla_cpu package) and ``--quiet``."""
-    from experiments._xla import IMPL_CHOICES
-
-    parser.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
-                        help=f"reference: Flax's own layers; xla_cpu: the kernels of {kernels}; "
-                             "auto: xla_cpu on a CPU, reference on an accelerator (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="print only the final JSON line (and warnings, to stderr)")
 
 
 def logger(quiet: bool):

@@ -9,10 +9,9 @@ import dataclasses
 import json
 import re
 import sys
-import time
 
 from experiments._cli import UserError
-from experiments._xla import _cpu_only
+from common.xla_cpu import _cpu_only
 
 SAME_COMMAND = "start every process with the same command, only --process-id differing"
 
@@ -76,20 +75,6 @@ def lost_process_hook(previous):
     return excepthook
 
 
-def _wait_for(client, key: str, deadline: float) -> str | None:
-    """The value of ``key`` in the coordination service's key-value store once a process posts it,
-    or None at ``deadline``; polled from Python, so that Ctrl-C works while it waits."""
-    import jax
-
-    while True:
-        try:
-            return client.key_value_try_get(key)
-        except jax.errors.JaxRuntimeError:  # NOT_FOUND: not posted yet
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.1)
-
-
 def _processes(indices) -> str:
     indices = sorted(map(int, indices))
     return f"process{'es' if len(indices) > 1 else ''} {', '.join(map(str, indices))}"
@@ -97,76 +82,36 @@ def _processes(indices) -> str:
 
 def check_same_run(config, data: dict[str, str]) -> None:
     """In a multi-process run, end every process with one line (:class:`UserError`) unless all were
-    started with the same ``config`` (but --process-id; --out too: orbax writes one checkpoint
-    from all processes, and waits forever for a folder another --out never gets) and read the same
-    data (``data``: each split's :func:`experiments._training.fingerprint`): processes that differ
-    would hang or fail in their first collective, or train different models in step. Each process posts both to the coordination
-    service's key-value store; process 0 compares them with its own and posts the verdict, which
-    the others wait for. The waits last at most ``--join-timeout`` seconds (a process that stopped
-    before the check, or is still loading its data). No-op in a one-process run."""
-    from common.jax_private import joined
+    started with the same ``config`` (but --process-id; --out too: orbax writes one checkpoint from
+    all processes, and waits forever for a folder another --out never gets) and read the same data
+    (``data``: each split's :func:`common.training.fingerprint`), checked by
+    :func:`common.parallel.check_alike` within ``--join-timeout``. No-op in a one-process run."""
+    from common.parallel import NotAlike, check_alike
 
-    run = joined()
-    if run is None:
-        return
-    client, index, key = run.client, run.process_id, "experiments/check_same_run"
     mine = {**dataclasses.asdict(config), "process_id": None, "quiet": None, "out": str(config.workdir.resolve()),
             "data": data}
-    mine = json.loads(json.dumps(mine, sort_keys=True, default=str))
-    client.key_value_set(f"{key}/{index}", json.dumps(mine))
-    timeout = config.join_timeout
-    if index == 0:
-        verdict = _verdict(client, key, mine, run.num_processes, timeout)
-    else:
-        posted = _wait_for(client, f"{key}/verdict", time.monotonic() + timeout + 10)  # after process 0's deadline
-        if posted is None:
-            raise UserError(f"process 0 did not check the settings of this run within {timeout:g} s (it "
-                            f"stopped, see its output, or is still loading its data: raise --join-timeout); {SAME_COMMAND}")
-        client.key_value_set(f"{key}/read/{index}", "1")
-        verdict = json.loads(posted)
-    _raise_verdict(verdict, index, timeout)
+    try:
+        check_alike(mine, config.join_timeout, "experiments/check_same_run")
+    except NotAlike as err:
+        raise UserError(_not_alike(err)) from None
 
 
-def _differences(mine: dict, theirs: dict) -> list[tuple[str, str]]:
-    """(what, detail) for each setting of another process that differs from process 0's."""
-    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
-    return [("the data", "other data here than on process 0") if name == "data" else
-            (flag(name), f"{flag(name)} {json.dumps(theirs.get(name))} here, {json.dumps(mine.get(name))} on process 0")
-            for name in sorted(set(mine) | set(theirs)) if mine.get(name) != theirs.get(name)]
-
-
-def _verdict(client, key: str, mine: dict, processes: int, timeout: float) -> dict:
-    """Process 0's side of :func:`check_same_run`: every other process's post compared with its
-    own, the verdict posted (and, where the run must stop, read by the others before it returns)."""
-    deadline = time.monotonic() + timeout
-    verdict = {"differ": {}, "missing": []}
-    for other in range(1, processes):
-        posted = _wait_for(client, f"{key}/{other}", deadline)
-        if posted is None:
-            verdict["missing"].append(other)
-        elif differences := _differences(mine, json.loads(posted)):
-            verdict["differ"][str(other)] = differences
-    client.key_value_set(f"{key}/verdict", json.dumps(verdict))
-    if verdict["differ"] or verdict["missing"]:  # the service ends with this process: let the others read first
-        deadline = time.monotonic() + 30
-        for other in set(range(1, processes)) - set(verdict["missing"]):
-            _wait_for(client, f"{key}/read/{other}", deadline)
-    return verdict
-
-
-def _raise_verdict(verdict: dict, index: int, timeout: float) -> None:
-    """The one-line :class:`UserError` a verdict of :func:`_verdict` means for process ``index``."""
-    if str(index) in verdict["differ"]:
-        details = "; ".join(detail for _, detail in verdict["differ"][str(index)])
-        raise UserError(f"this process was started with other settings than process 0 ({details}); {SAME_COMMAND}")
-    if verdict["differ"]:
-        names = ", ".join(sorted({name for differences in verdict["differ"].values() for name, _ in differences}))
-        raise UserError(f"{_processes(verdict['differ'])} of this run started with other settings than process 0 "
-                        f"({names}); {SAME_COMMAND}")
-    if verdict["missing"]:
-        raise UserError(f"{_processes(verdict['missing'])} of this run did not reach the settings check within "
-                        f"{timeout:g} s (stopped, see its output, or still loading its data: raise --join-timeout); "
-                        f"{SAME_COMMAND}")
+def _not_alike(err) -> str:
+    """The one line :class:`common.parallel.NotAlike` means for this process."""
+    flag = lambda name: "the data" if name == "data" else f"--{name.replace('_', '-')}"  # noqa: E731
+    if err.missing == [0]:
+        return (f"process 0 did not check the settings of this run within {err.timeout:g} s (it stopped, see its "
+                f"output, or is still loading its data: raise --join-timeout); {SAME_COMMAND}")
+    if err.here in err.differ:
+        details = "; ".join("other data here than on process 0" if name == "data" else
+                            f"{flag(name)} {json.dumps(theirs)} here, {json.dumps(mine)} on process 0"
+                            for name, theirs, mine in err.differ[err.here])
+        return f"this process was started with other settings than process 0 ({details}); {SAME_COMMAND}"
+    if err.differ:
+        names = ", ".join(sorted({flag(name) for differ in err.differ.values() for name, _, _ in differ}))
+        return f"{_processes(err.differ)} of this run started with other settings than process 0 ({names}); {SAME_COMMAND}"
+    return (f"{_processes(err.missing)} of this run did not reach the settings check within {err.timeout:g} s "
+            f"(stopped, see its output, or still loading its data: raise --join-timeout); {SAME_COMMAND}")
 
 
 def run_devices(requested: int | None) -> list:

@@ -27,12 +27,13 @@ import jax
 
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.parallel import is_main_process
-from experiments._checkpoint import CheckpointError, Checkpoints, run_checkpoints
+from common.checkpoint import CheckpointError, Checkpoints, run_checkpoints
 from experiments._parallel import check_same_run, start_parallel
-from experiments._training import Run, batch_devices, fingerprint, fit, metrics, read_best, read_metrics, select, write_metrics
+from common.training import Run, fingerprint, fit, read_best, select
+from experiments._training import batch_devices, metrics, read_metrics, write_metrics
 from experiments.configs import CNNConfig, add_flags, from_args, recorded
 from experiments._cnn_plots import plot_confusion, plot_curves
-from experiments._xla import choose_impl, cnn_retains_memory, tune_cpu
+from common.xla_cpu import choose_impl, cnn_retains_memory, tune_cpu
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 
 
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     logs = start_parallel(config)  # joins the processes of a multi-process run; only process 0 logs
     log = logger(config.quiet or not logs)
     config = dataclasses.replace(config, impl=choose_impl(config.impl, log))
-    if config.impl == "xla_cpu":  # before the first computation (see experiments/_xla.py)
+    if config.impl == "xla_cpu":  # before the first computation (see common/xla_cpu.py)
         tune_cpu()
         cnn_retains_memory(config.batch_size * (len(config.lr) if config.vmap_sweep else 1))
     return cmd_evaluate(config, log) if config.evaluate else cmd_train(config, log)

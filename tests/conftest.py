@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-# The tests run under XLA's default settings (experiments._xla.tune_cpu is the CLIs' choice for
+# The tests run under XLA's default settings (common.xla_cpu.tune_cpu is the CLIs' choice for
 # the xla_cpu implementation, tested on its own), with two XLA host devices for the data-parallel tests.
 jax.config.update("jax_num_cpu_devices", 2)
 
@@ -45,7 +45,7 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
 # (argv: AT WHERE MODULE ARGS...).
 KILL_AT_SAVE = """
 import os, runpy, signal, sys
-from experiments import _checkpoint
+from common import checkpoint as _checkpoint
 at, where, module = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 count, save = [0], _checkpoint.Checkpoints.save
 def killing_save(self, *args, **kwargs):

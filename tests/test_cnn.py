@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from common.training import MoreEpochs, OtherRun
 from flax import nnx
 
 from cnn import CNN, CLASS_NAMES, IMPLS, DataError, Trainer, count_params, load, load_kaggle, load_npz
@@ -127,7 +129,7 @@ def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, batch_no
 @pytest.mark.parametrize("impl", ["reference", slow("xla_cpu")])
 def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path, impl):
     """A state saved by the other impl's trainer restores into this one's, same eval accuracy and loss."""
-    from experiments._checkpoint import Checkpoints
+    from common.checkpoint import Checkpoints
 
     other = next(i for i in IMPLS if i != impl)
     data = tiny_splits(n_train=16)
@@ -449,9 +451,9 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
         assert_plot(tmp_path / "a" / name)
     assert len(a["runs"]["0.05"]["history"]) == 3
     # reruns that cannot resume this folder: one line each, before any array is read
-    with pytest.raises(cnn_cli.UserError, match="3 epochs, more than --epochs 2"):
+    with pytest.raises(MoreEpochs, match="3 epochs, more than the 2 asked"):
         cnn_cli.main([*common, "--epochs", "2", "--out", str(tmp_path / "a")])
-    with pytest.raises(cnn_cli.UserError, match="other settings .*batch_norm: False"):
+    with pytest.raises(OtherRun, match="other settings .*batch_norm: False"):
         cnn_cli.main([*common, "--epochs", "3", "--batch-norm", "--out", str(tmp_path / "a")])
     capsys.readouterr()
     # a rerun with part of the sweep says what its metrics.json leaves out
@@ -472,7 +474,7 @@ def test_cli_trains_resumes_identically_and_evaluates(tiny_npz, tmp_path, capsys
 
 @pytest.mark.slow
 def test_checkpoints_of_the_wrong_kind_or_damaged_are_one_line_errors(tiny_npz, tmp_path):
-    from experiments._checkpoint import Checkpoints
+    from common.checkpoint import Checkpoints
 
     fake = Checkpoints(tmp_path / "p2g" / "ckpt")
     fake.save(0, {"w": np.zeros(3, np.float32)}, {"config": {"src_vocab": ["<pad>"]}, "history": []}, 0.5)
@@ -511,7 +513,7 @@ def test_cli_trains_the_reference_impl_and_will_not_resume_it_with_the_other(tin
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["impl"] == "reference" and metrics["runs"]["0.01"]["config"]["impl"] == "reference"
     assert metrics["params"] == 755_718
-    with pytest.raises(cnn_cli.UserError, match="impl: 'reference'"):
+    with pytest.raises(OtherRun, match="impl: 'reference'"):
         cnn_cli.main([*common, "--epochs", "2", "--impl", "xla_cpu"])
 
 
@@ -718,7 +720,7 @@ def test_tfds_builder_matches_the_direct_reader(tmp_path):
 
 
 def test_tuned_xla_flags_respect_the_users(monkeypatch):
-    from experiments._xla import CPU_FLAGS, tune_cpu
+    from common.xla_cpu import CPU_FLAGS, tune_cpu
 
     ours = "--xla_cpu_experimental_ynn_fusion_type"
     users = f"{ours}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"

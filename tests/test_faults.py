@@ -20,9 +20,11 @@ import jax
 import numpy as np
 import pytest
 
+from common.training import OtherRun
+
 from common.npz import Npz, NpzError
 from experiments import _cli
-from experiments._checkpoint import CheckpointError, Checkpoints, FolderInUse, NoReadableStep
+from common.checkpoint import CheckpointError, Checkpoints, FolderInUse, NoReadableStep, quiet_failed_reads
 from tests.conftest import ROOT, run_cli
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def test_ctrl_c_in_process_is_still_system_exit_130(capsys, monkeypatch):
 # checkpoints: mended, locked, refused
 
 
-_cli.quiet_failed_reads()  # as the command-line tools do: a failed read's leftovers stay quiet
+quiet_failed_reads()  # as the command-line tools do: a failed read's leftovers stay quiet
 STATE = jax.eval_shape(lambda: {"w": np.zeros(512, np.float32), "b": np.zeros(3, np.float32)})
 
 
@@ -496,7 +498,7 @@ def test_cnn_flag_errors(argv, expected, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["test", "--checkpoint", "x", "--k", "2"], "test: error: --k"),
     (["test", "--checkpoint", "x", "--topp", "0.5", "--examples", "-1"], "test: error: argument --examples"),
-    (["test", "--checkpoint", "x", "--data-dir", "d", "--test-file", "f"], "test: error: argument --test-file"),
+    (["test", "--checkpoint", "x", "--data-dir", "d", "--test-file", "f"], "test: error: --test-file and --data-dir"),
     (["test", "--checkpoint", "x", "--seed", "-1"], "test: error: argument --seed"),
     (["train", "--seed", str(2**40)], "train: error: argument --seed"),
     (["train", "--hidden", "15"], "train: error: --hidden"),
@@ -515,7 +517,7 @@ def test_plot_attention_words_are_nfc_like_the_data(monkeypatch):
     seen = {}
     monkeypatch.setattr(p2g, "cmd_test", lambda args, log: seen.setdefault("words", args.plot_attention) and 0)
     p2g.main(["test", "--checkpoint", "x", "--quiet", "--plot-attention", "cafe\u0301"])
-    assert seen["words"] == ["caf\u00e9"]
+    assert seen["words"] == ("caf\u00e9",)
 
 
 def option_lines(main, argv: list[str], capsys) -> dict[str, str]:
@@ -581,11 +583,12 @@ def test_json_results_are_written_atomically_and_read_with_one_line_errors(tmp_p
 
 def test_warnings_reach_stderr_under_quiet(p2g_dir, capsys):
     """The malformed-line report of the data evaluated goes to stderr, --quiet or not."""
+    from experiments.configs import P2GTestConfig
     from experiments.p2g import test_pairs
 
     with (p2g_dir / "test.tsv").open("a", encoding="utf-8") as f:
         f.write("no tab here\n")
-    args = argparse.Namespace(test_file=p2g_dir / "test.tsv", data_dir=None)
+    args = P2GTestConfig(checkpoint=Path("x"), test_file=p2g_dir / "test.tsv")
     pairs, _ = test_pairs(args, {"data": "x"}, _cli.logger(True))
     captured = capsys.readouterr()
     assert captured.out == "" and "skipped 1 malformed line(s)" in captured.err and "no tab" in captured.err
@@ -627,9 +630,9 @@ def test_resuming_with_other_data_of_the_same_size_is_refused(tmp_path):
     other_val["val_labels"] = (other_val["val_labels"] + 1) % 6
     np.savez(tmp_path / "other_val.npz", **other_val)
     assert run("d0.npz", 1) == 0
-    with pytest.raises(_cli.UserError, match="other settings or data \\(train_data"):
+    with pytest.raises(OtherRun, match="other settings or data \\(train_data"):
         run("d1.npz", 2)
-    with pytest.raises(_cli.UserError, match="other settings or data \\(val_data"):
+    with pytest.raises(OtherRun, match="other settings or data \\(val_data"):
         run("other_val.npz", 2)
     assert run("d0.npz", 2) == 0
 
@@ -650,7 +653,7 @@ def test_p2g_resumes_from_a_copy_of_its_data_elsewhere_but_not_with_another_vali
     assert len(saved_meta(tmp_path / "run")["history"]) == 2
     lines = (copy / "valid.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     (copy / "valid.tsv").write_text("".join(lines[:-1]), encoding="utf-8")
-    with pytest.raises(_cli.UserError, match="other settings or data \\(val_data"):
+    with pytest.raises(OtherRun, match="other settings or data \\(val_data"):
         run(copy, 3)
 
 

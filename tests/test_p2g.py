@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from common.training import OtherRun
 from flax import nnx
 
 from experiments import p2g as p2g_cli
@@ -162,7 +164,7 @@ def test_both_impls_have_the_same_parameters_outputs_and_gradients(x64, attentio
 @pytest.mark.slow
 def test_a_checkpoint_of_one_impl_restores_into_the_other(tmp_path):
     """Saved from xla_cpu, restored into reference (and back): the same eval-mode logits."""
-    from experiments._checkpoint import Checkpoints
+    from common.checkpoint import Checkpoints
 
     src, src_len, tgt_in, _ = random_batch(np.random.default_rng(3))
     trained = small_model(seed=5, impl="xla_cpu")
@@ -458,7 +460,7 @@ def test_cli_train_resume_and_test_end_to_end(data_dir, tmp_path, capsys):
     assert a["model"] == "bahdanau_attention" and a["params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert_plot(tmp_path / "a" / "val_cer.png")
     assert p2g_cli.main([*common, "--epochs", "1", "--impl", "reference", "--out", str(tmp_path / "c")]) == 0
-    with pytest.raises(p2g_cli.UserError, match=r"other settings or data \(impl: 'reference' there, 'xla_cpu' now\)"):
+    with pytest.raises(OtherRun, match=r"other settings or data \(impl: 'reference' there, 'xla_cpu' now\)"):
         p2g_cli.main([*common, "--epochs", "2", "--impl", "xla_cpu", "--out", str(tmp_path / "c")])
     # the device count is not part of a run: one more epoch on two devices continues a one-device run
     assert p2g_cli.main([*common, "--epochs", "4", "--devices", "2", "--out", str(tmp_path / "b")]) == 0

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from common.parallel import batch_sharding, data_mesh, global_batch, in_process_collectives, local_rows, to_host
-from experiments._checkpoint import Checkpoints
+from common.checkpoint import Checkpoints
 from tests.conftest import ROOT, slow
 from tests.test_cnn import tiny_splits
 from tests.test_p2g import synthetic_pairs
@@ -257,7 +257,7 @@ def test_a_taken_port_is_found_before_jax_binds_it():
 def test_the_data_fingerprint_sees_values_not_identity():
     """What resume and the multi-process check compare: equal for equal values, different for
     another shape of the same bytes or another spelling."""
-    from experiments._training import fingerprint
+    from common.training import fingerprint
     from p2g.data import Pair
 
     images, pairs = np.arange(6).reshape(2, 3), [Pair(("a", "b"), "ab")]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -185,3 +187,35 @@ def _lock(directory: Path):
         handle.close()
         raise FolderInUse(directory, "another run is using this folder") from None
     return handle
+
+
+class _FailedReadLeftovers(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for the reads of a restore that failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+def quiet_failed_reads() -> None:
+    """When one array of a restore cannot be read, orbax gives up and closes the event loop it ran
+    the restore in, while tensorstore is still completing the other reads: each of them then
+    printed an "Event loop is closed" traceback (through ``sys.unraisablehook``, from tensorstore's
+    threads, at any moment after) or an asyncio "Task exception was never retrieved" log, after
+    the one line that reports the damaged step. Those, and only those, are dropped; installed by
+    the entry point before the first read because they can come before the failure reaches the caller."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable) -> None:
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and frames and frames[0].name == "call_soon_threadsafe"):
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReadLeftovers) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_FailedReadLeftovers())
