@@ -4,14 +4,17 @@ Every epoch is a numbered step holding the array state (``state``), a JSON dict 
 history, best epoch) and, when it was validated, its selection metric as orbax metrics. orbax's
 preservation policy keeps the latest two steps and the best one (``LatestN`` or ``BestN``), and
 ``best_step()`` finds the best for evaluation, so the best epoch is always a step of the same
-folder. Saves are synchronous and atomic (orbax writes to a temporary name and renames; the
-temporaries of a killed save are removed when the folder is opened again); saving a step that
-exists replaces it. Resuming reads the newest step that can be read and removes newer ones that
+folder. Saves are asynchronous and atomic: a save returns once the arrays are copied off the
+devices, orbax writes them in a thread while training goes on and commits the step by renaming a
+temporary folder (the temporaries of a killed save are removed when the folder is opened again);
+the next save, every read and :meth:`Checkpoints.close` wait for it. Saving a step that exists
+replaces it. Resuming reads the newest step that can be read and removes newer ones that
 cannot.
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import os
@@ -95,25 +98,27 @@ class Checkpoints:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 best_fn=_ranking, best_mode="max", preservation_policy=None if read_only else keep,
-                enable_async_checkpointing=False, cleanup_tmp_directories=not read_only, read_only=read_only,
+                enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
                 create=not read_only),
             item_names=("state", "meta"))
 
     def save(self, step: int, state: Any, meta: dict, score: float | None = None) -> None:
-        """Write ``step`` (replacing it if it exists) and return once it is on disk; ``score``: its
-        selection value, higher better (None: not a candidate for the best, e.g. diverged)."""
-        if step in self.manager.all_steps():
+        """Start writing ``step`` (replacing it if it exists; see the module's docstring); ``score``:
+        its selection value, higher better (None: not a candidate for the best, e.g. diverged)."""
+        if step in self.steps():
             self.manager.delete(step)
         metrics = None if score is None else {"score": score, "epoch": step + 1}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
-        self.manager.wait_until_finished()
+                                                        meta=ocp.args.JsonSave(copy.deepcopy(meta))),
+                          metrics=metrics, force=True)  # a copy: the caller's meta changes while orbax writes
 
     def steps(self) -> list[int]:
+        self.manager.wait_until_finished()
         return sorted(self.manager.all_steps())
 
     def best_step(self) -> int | None:
         """The step with the best score (the earliest on ties); None before the first scored one."""
+        self.manager.wait_until_finished()
         return self.manager.best_step()
 
     def restore(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
@@ -127,6 +132,7 @@ class Checkpoints:
         return self._read(step, meta=ocp.args.JsonRestore())["meta"]
 
     def _read(self, step: int, **items):
+        self.manager.wait_until_finished()
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as err:  # noqa: BLE001 - orbax reports damaged files with many exception types
@@ -134,6 +140,7 @@ class Checkpoints:
             raise CheckpointError(self.directory, f"step {step} cannot be read ({reason})") from None
 
     def delete(self, step: int) -> None:
+        self.manager.wait_until_finished()
         self.manager.delete(step)
 
     def resume(self, abstract_state: Any, check_meta: Callable[[dict], None], log: Callable[[str], None]):

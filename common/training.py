@@ -220,6 +220,11 @@ class Run:
         note = " (then diverged)" if self.meta["diverged"] else ""
         return f"{self.label}best {self.metric.replace('_', ' ')} {self.best:.4f} at epoch {self.meta['best_epoch']}{note}"
 
+    def saved_state(self, step: int | None = None):
+        """The state saved at checkpoint ``step`` (default: the best epoch's)."""
+        step = self.checkpoints.best_step() if step is None else step
+        return self.checkpoints.restore(self.trainer.abstract_state(), step)[0]
+
     def close(self) -> None:
         self.checkpoints.close()
 
@@ -282,20 +287,20 @@ def select(runs: dict[str, Run]) -> str | None:
 
 
 
-def read_best(directory: Path, check_meta: Callable[[dict], None], make_trainer: Callable[[dict], Any]):
-    """``(trainer, state, meta)`` of the best epoch in the checkpoint folder ``directory``, read only:
-    ``check_meta`` sees its meta first (raising where another kind of run wrote it), and
-    ``make_trainer(its config)`` builds the trainer whose state shapes it restores into."""
+def read_best(directory: Path, kind: str, make_trainer: Callable[[dict], Any]):
+    """``(trainer, state, meta)`` of the best epoch in the checkpoint folder ``directory``, read only,
+    where a :class:`Run` of ``kind`` wrote it (:class:`CheckpointError` otherwise, before any array
+    is read); ``make_trainer(its config)`` builds the trainer whose state shapes it restores into."""
     with Checkpoints(directory, read_only=True) as saved:
         step = saved.best_step()
         if step is None:
             raise CheckpointError(saved.directory, "no validated epoch to evaluate (the run diverged first)")
         meta = saved.read_meta(step)
-        check_meta(meta)
+        other = meta.get("config", {}).get("kind")
+        if other != kind:
+            raise CheckpointError(saved.directory, f"not a {kind.upper()} checkpoint" + (f" (a {other} run's)" if other else ""))
         trainer = make_trainer(meta["config"])
         return (trainer, *saved.restore(trainer.abstract_state(), step))
-
-
 
 
 def fingerprint(*arrays: Iterable) -> str:

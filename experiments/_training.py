@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.checkpoint import run_checkpoints
 from common.training import Run
 from experiments._cli import UserError, read_json, write_json
 
@@ -62,3 +63,28 @@ def write_metrics(out: Path, value: dict) -> None:
         write_json(out / "metrics.json", value, indent=1)
 
 
+def checkpoint_folder(path: Path, part: str) -> Path:
+    """The checkpoint folder evaluation reads for ``path``: that of a training --out (for the CNN,
+    of the run its metrics.json selected), of a run folder, or a checkpoint folder itself."""
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint")
+    written = read_metrics(path, part)  # a one-line error where the other part's command wrote it
+    if written is not None and written.get("part") is None:
+        raise UserError(f"{path / 'metrics.json'} was written by an earlier version of this command; "
+                        "train again into a new --out to evaluate with this version")
+    if written and part == "cnn":
+        checkpoint = written["selected"].get("checkpoint") if isinstance(written.get("selected"), dict) else None
+        if not isinstance(checkpoint, str):
+            raise UserError(f"{path / 'metrics.json'}: no selected run (expected the metrics.json of a finished "
+                            "training run)")
+        path = path / Path(checkpoint).parent.name  # lr_<lr>, wherever the run folder has moved
+    folder = run_checkpoints(path)
+    runs = sorted(d.name for d in path.glob("lr_*/") if d.is_dir())
+    if folder is None and runs and part == "p2g":
+        raise UserError(f"{path}: a CNN run, not a P2G one (expected a --out of python -m experiments.p2g train)")
+    if folder is None and runs:  # a sweep's --out without metrics.json (stopped before the end): name its runs
+        raise UserError(f"{path}: no metrics.json to say which run was selected; pass one of its runs "
+                        f"({', '.join(str(path / r) for r in runs)})")
+    if folder is None:
+        raise UserError(f"{path}: no checkpoint here (expected a training --out, a run folder or its ckpt/ folder)")
+    return folder

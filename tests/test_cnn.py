@@ -548,7 +548,7 @@ def test_divergence_is_reported_and_the_sweep_goes_on(tiny_npz, tmp_path, capsys
     assert "diverged" in out
     metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert metrics["runs"]["1e+06"]["diverged"] is True
-    from experiments._cnn_plots import diverged_at  # what the plots mark with an x and in the legend
+    from experiments._plots import diverged_at  # what the plots mark with an x and in the legend
 
     assert diverged_at(metrics["runs"]["1e+06"]["history"]) is not None
     assert diverged_at(metrics["runs"]["0.01"]["history"]) is None

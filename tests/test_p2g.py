@@ -632,7 +632,7 @@ def test_length_penalty_must_be_a_finite_non_negative_number(capsys):
     for value in ("-1", "nan", "inf"):
         with pytest.raises(SystemExit) as exit_info:
             p2g_cli.main(["test", "--checkpoint", "nowhere", "--beam", "5", "--length-penalty", value])
-        assert exit_info.value.code == 2 and "--length-penalty must be a finite number >= 0" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and "argument --length-penalty: must be a finite number >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # nothing to rank without beam search
         p2g_cli.main(["test", "--checkpoint", "nowhere", "--length-penalty", "0.6"])
     assert exit_info.value.code == 2 and "it goes with --beam" in capsys.readouterr().err
