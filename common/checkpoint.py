@@ -146,7 +146,8 @@ class Checkpoints:
     def resume(self, abstract_state: Any, check_meta: Callable[[dict], None], log: Callable[[str], None]):
         """``(step, state, meta)`` of the newest step that can be read; None
         where there are none. ``check_meta`` sees each step's meta before its arrays are read and
-        raises where it belongs to another kind of run. A step that cannot be read is skipped with
+        raises where it belongs to another run (what it raises goes through: that folder is not
+        to be resumed, nor any of its steps removed). A step that cannot be read is skipped with
         one line in ``log`` (and removed, unless read only). Raises :class:`CheckpointError` when
         none can be read."""
         steps = self.steps()

@@ -101,13 +101,14 @@ def member(state, i: int) -> Any:
     return jax.tree.map(lambda leaf: leaf[i], state)
 
 
-class OtherRun(CheckpointError):
+class OtherRun(Exception):
     """A run folder holding another run: another kind, or other settings or data (``differ``: the
-    names of the settings that differ)."""
+    names of the settings that differ). Not a :class:`CheckpointError`: the folder is sound, and
+    resuming must stop here rather than skip its steps as unreadable."""
 
     def __init__(self, directory: Path, reason: str, differ: tuple[str, ...] = ()):
-        super().__init__(directory, reason)
-        self.differ = tuple(differ)
+        super().__init__(f"{directory}: {reason}")
+        self.directory, self.differ = directory, tuple(differ)
 
 
 class MoreEpochs(OtherRun):

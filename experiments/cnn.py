@@ -27,7 +27,7 @@ from cnn.model import count_params
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.checkpoint import CheckpointError
 from common.parallel import is_main_process
-from common.training import Run, fingerprint, fit, read_best, select
+from common.training import OtherRun, Run, fingerprint, fit, read_best, select
 from common.xla_cpu import choose_impl, cnn_retains_memory, tune_cpu
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 from experiments._parallel import check_same_run, start_parallel
@@ -213,4 +213,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run(main, user_errors=(DataError, CheckpointError), hints=checkpoint_hints())
+    run(main, user_errors=(DataError, CheckpointError, OtherRun), hints=checkpoint_hints())

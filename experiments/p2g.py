@@ -21,7 +21,7 @@ import numpy as np
 
 from common.checkpoint import CheckpointError
 from common.parallel import is_main_process
-from common.training import Run, fingerprint, fit, read_best
+from common.training import OtherRun, Run, fingerprint, fit, read_best
 from common.xla_cpu import choose_impl
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 from experiments._parallel import check_same_run, start_parallel
@@ -292,4 +292,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run(main, user_errors=(DataError, CheckpointError), hints=checkpoint_hints())
+    run(main, user_errors=(DataError, CheckpointError, OtherRun), hints=checkpoint_hints())

@@ -220,6 +220,19 @@ def test_a_step_without_a_score_is_never_the_best(tmp_path):
         assert checkpoints.steps() == [1, 2] and checkpoints.best_step() == 1
 
 
+def test_a_folder_of_another_run_is_refused_whole(tmp_path):
+    """What the run check raises stops the resume and removes nothing (it is not an unreadable step)."""
+    train_run(tmp_path, [0.1, 0.9, 0.5])
+
+    def other_run(meta):
+        raise OtherRun(tmp_path, "holds a run with other settings or data")
+
+    with Checkpoints(tmp_path / "ckpt", lock=True) as checkpoints:
+        with pytest.raises(OtherRun):
+            checkpoints.resume(STATE, other_run, print)
+        assert checkpoints.steps() == [1, 2]
+
+
 @pytest.mark.parametrize("how", ["manifest", "arrays", "removed"])
 def test_a_newer_unreadable_step_is_skipped_and_removed(tmp_path, capfd, how):
     train_run(tmp_path, [0.1, 0.9, 0.5])
