@@ -49,7 +49,8 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
 
 
 # Runs ``python -m MODULE ARGS`` with orbax saves patched to SIGKILL the process at the AT-th save
-# of the run, just "before" or "after" it, or to fail it as a full disk does ("disk-full")
+# of the run, just "before" it, "while" orbax writes it, or "after" it is on disk, or to fail it as
+# a full disk does ("disk-full")
 # (argv: AT WHERE MODULE ARGS...).
 KILL_AT_SAVE = """
 import os, runpy, signal, sys
@@ -63,7 +64,9 @@ def killing_save(self, *args, **kwargs):
     if count[0] == at and where == "disk-full":
         raise OSError(28, "No space left on device", str(self.directory))
     save(self, *args, **kwargs)
-    if count[0] == at and where == "after":
+    if count[0] == at and where in ("after", "while"):
+        if where == "after":  # once the step is on disk (saves are asynchronous)
+            self.manager.wait_until_finished()
         os.kill(os.getpid(), signal.SIGKILL)
 _checkpoint.Checkpoints.save = killing_save
 sys.argv = [module] + sys.argv[4:]
@@ -73,14 +76,15 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 def run_killed_at_save(at: int, where: str, module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m module args`` killed (SIGKILL) at its ``at``-th checkpoint save, ``where`` being
-    "before" or "after" that save, or with that save failing for a full disk ("disk-full")."""
+    "before" that save, "while" it is written, or "after" it, or with that save failing for a full
+    disk ("disk-full")."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-c", KILL_AT_SAVE, str(at), where, module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
 def kill_at_saves_then_finish(kills, module: str, *args: str) -> None:
-    """Run ``python -m module args`` killed at each (save number, "before"/"after") of ``kills`` in
+    """Run ``python -m module args`` killed at each (save number, "before"/"while"/"after") of ``kills`` in
     turn, each time rerunning the same command, until a run ends on its own; at least three must
     have been killed. Then the same command once more, which must succeed."""
     killed = 0

@@ -517,12 +517,12 @@ def test_cli_trains_the_reference_impl_and_will_not_resume_it_with_the_other(tin
         cnn_cli.main([*common, "--epochs", "2", "--impl", "xla_cpu"])
 
 
-KILLS = ((2, "before"), (1, "after"), (2, "after"), (3, "before"), (1, "before"))
+KILLS = ((2, "before"), (1, "while"), (1, "after"), (2, "after"), (3, "before"), (1, "before"))
 
 
 @pytest.mark.slow
 def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_metrics(tiny_npz, tmp_path):
-    """SIGKILL at save after save (before and after writing), each time rerunning the same command: the last rerun ends with the metrics
+    """SIGKILL at save after save (before, while and after writing), each time rerunning the same command: the last rerun ends with the metrics
     of a run that was never interrupted. Likewise after a save that fails for a full disk."""
     common = ["--data", str(tiny_npz), "--batch-size", "8", "--epochs", "4", "--quiet"]
     # in a process of its own, as the killed runs: the XLA:CPU settings apply only at a process's start

@@ -518,7 +518,7 @@ def test_runs_killed_at_checkpoint_saves_resume_to_the_uninterrupted_history(dat
     time: the last rerun ends with the history of a run that was never interrupted."""
     common = ["train", "--data-dir", str(data_dir), "--hidden", "16", "--batch-size", "32", "--epochs", "3", "--quiet"]
     assert p2g_cli.main([*common, "--out", str(tmp_path / "clean")]) == 0
-    kills = ((2, "before"), (1, "after"), (1, "before"), (1, "after"))
+    kills = ((2, "before"), (1, "while"), (1, "after"), (1, "before"), (1, "after"))
     kill_at_saves_then_finish(kills, "experiments.p2g", *common, "--out", str(tmp_path / "killed"))
     clean, killed = (json.loads((tmp_path / d / "metrics.json").read_text())["runs"]["0.003"] for d in ("clean", "killed"))
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["history"]]
