@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from cnn.data import DEFAULT_NPZ
 from cnn.train import BatchNormBatchError, check_batch_norm_batch
+from common.precision import DTYPES
 from experiments._cli import dropout_rate, folder, positive_float, positive_int, seed
 
 
@@ -45,6 +46,9 @@ class RunOptions:
 
     impl: str = option("auto", "reference: Flax's own layers; xla_cpu: the part's XLA:CPU kernels; auto: xla_cpu "
                        "on a CPU, reference on an accelerator", choices=("auto", "reference", "xla_cpu"))
+    dtype: str = option("float32", "what the model computes in: bfloat16 runs convolutions, dense layers, LSTMs and "
+                        "attention in bfloat16 from float32 parameters (optimiser state, BatchNorm statistics, "
+                        "softmax and loss stay float32)", choices=DTYPES)
     quiet: bool = option(False, "print only the final JSON line (and warnings, to stderr)", record=False)
     devices: int | None = option(None, "split each batch over this many devices (default: every accelerator of every "
                                  "process; one device in a one-process CPU run)", positive_int)
@@ -92,6 +96,9 @@ class CNNConfig(RunOptions):
         super().__post_init__()
         if self.pool != "average" and not self.batch_norm:
             raise ConfigError("pool", "--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
+        if self.pool == "hopfield" and self.dtype != "float32":
+            raise ConfigError("dtype", f"--dtype {self.dtype} does not cover the Hopfield pooling (--pool hopfield), "
+                                       "which computes in float32: leave --dtype float32")
         try:
             check_batch_norm_batch(self.batch_norm, self.batch_size)
         except BatchNormBatchError as err:
@@ -134,6 +141,9 @@ class P2GConfig(RunOptions):
             raise ConfigError("hidden", "--hidden must be even (half per encoder direction)")
         if self.attn != "hopfield" and self.hopfield_steps != 1:
             raise ConfigError("hopfield_steps", "--hopfield-steps goes with --attn hopfield")
+        if self.attn == "hopfield" and self.dtype != "float32":
+            raise ConfigError("dtype", f"--dtype {self.dtype} does not cover the Hopfield attention (--attn hopfield), "
+                                       "which computes in float32: leave --dtype float32")
 
     @property
     def workdir(self) -> Path:
