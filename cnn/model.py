@@ -16,6 +16,11 @@ autodiff. ``impl="xla_cpu"`` swaps in the kernels of :mod:`cnn.xla_cpu` (written
 and hashed dropout masks, faster on XLA:CPU) through the seams below: the block class, the dropout
 class and the dense layers' ``dot_general``. Both build the same parameters (paths, shapes,
 initial values), so a checkpoint of one loads into the other.
+
+``dtype``: what the layers compute in (None: their float32 parameters'; ``jnp.bfloat16``: mixed
+precision, :mod:`common.precision`): convolutions, BatchNorm's output and dense layers in that
+dtype from float32 parameters, BatchNorm statistics and the log-softmax in float32.
+The Hopfield pooling has no bfloat16 path.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from common.precision import at_least_float32
 
 NUM_CLASSES = 6
 IMAGE_SHAPE = (48, 48, 3)
@@ -40,11 +47,12 @@ class ConvBlock(nnx.Module):
     """conv 3x3 -> [BatchNorm] -> ReLU -> max-pool 2x2 -> dropout: ``(B, H, W, C_in) -> (B, H/2, W/2, C_out)``.
 
     BatchNorm momentum 0.9 matches PyTorch's running-average update (0.1 of the new batch).
+    ``dtype``: the computation's (None: the parameters'); BatchNorm's statistics are float32 at least.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(in_channels, out_channels, (3, 3), strides=1, padding=1, rngs=rngs)
-        self.norm = nnx.BatchNorm(out_channels, momentum=0.9, rngs=rngs) if batch_norm else None
+    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool, rngs: nnx.Rngs, dtype=None):
+        self.conv = nnx.Conv(in_channels, out_channels, (3, 3), strides=1, padding=1, dtype=dtype, rngs=rngs)
+        self.norm = nnx.BatchNorm(out_channels, momentum=0.9, dtype=dtype, rngs=rngs) if batch_norm else None
         self.dropout = nnx.Dropout(DROPOUT)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -59,7 +67,7 @@ class ConvBlock(nnx.Module):
 class Layers:
     """What an implementation builds the CNN from."""
 
-    conv_block: type[nnx.Module]  # called as conv_block(in, out, batch_norm, rngs=...)
+    conv_block: type[nnx.Module]  # called as conv_block(in, out, batch_norm, rngs=..., dtype=...)
     dropout: type[nnx.Module]  # called as dropout(rate), then dropout(x, rngs=...)
     dot_general: Callable[..., Any]  # the dense layers' product (nnx.Linear's dot_general=)
 
@@ -92,26 +100,30 @@ class CNN(nnx.Module):
     ``impl`` picks the layer set and ``pool`` the BN variant's pooling (module docstring).
     Train/eval mode (dropout, BatchNorm statistics) follows ``model.train()`` / ``model.eval()``;
     in train mode dropout draws from ``rngs`` (its ``dropout`` stream), passed per call so that
-    the model's state holds only arrays (parameters and BatchNorm statistics). Raises
-    ``ValueError`` for an unknown ``impl`` or ``pool``, and for ``pool="hopfield"`` without BatchNorm.
+    the model's state holds only arrays (parameters and BatchNorm statistics). ``dtype``: the
+    layers' computation dtype (module docstring). Raises ``ValueError`` for an unknown ``impl`` or
+    ``pool``, for ``pool="hopfield"`` without BatchNorm, and for ``pool="hopfield"`` with a ``dtype``.
     """
 
-    def __init__(self, batch_norm: bool, rngs: nnx.Rngs, impl: str = "reference", pool: str = "average"):
+    def __init__(self, batch_norm: bool, rngs: nnx.Rngs, impl: str = "reference", pool: str = "average",
+                 dtype=None):
         parts = layers(impl)
         if pool not in POOLS:
             raise ValueError(f"unknown pooling {pool!r}; expected one of {POOLS}")
         if pool == "hopfield" and not batch_norm:
             raise ValueError("pool='hopfield' replaces the BN variant's global average pooling: it needs batch_norm=True")
+        if pool == "hopfield" and dtype is not None:
+            raise ValueError("pool='hopfield' computes in its parameters' dtype: it takes no dtype (no bfloat16 path)")
         self.batch_norm, self.impl = batch_norm, impl
         ins = (IMAGE_SHAPE[-1],) + CHANNELS[:-1]
-        self.blocks = nnx.List([parts.conv_block(i, o, batch_norm, rngs=rngs) for i, o in zip(ins, CHANNELS)])
+        self.blocks = nnx.List([parts.conv_block(i, o, batch_norm, rngs=rngs, dtype=dtype) for i, o in zip(ins, CHANNELS)])
         side = IMAGE_SHAPE[0] // 2 ** len(CHANNELS)
         features = CHANNELS[-1] if batch_norm else side * side * CHANNELS[-1]
-        self.fc1 = nnx.Linear(features, 1024, dot_general=parts.dot_general, rngs=rngs)
-        self.norm = nnx.BatchNorm(1024, momentum=0.9, rngs=rngs) if batch_norm else None
+        self.fc1 = nnx.Linear(features, 1024, dot_general=parts.dot_general, dtype=dtype, rngs=rngs)
+        self.norm = nnx.BatchNorm(1024, momentum=0.9, dtype=dtype, rngs=rngs) if batch_norm else None
         self.dropout = parts.dropout(DROPOUT)
-        self.fc2 = nnx.Linear(1024, 512, dot_general=parts.dot_general, rngs=rngs)
-        self.fc3 = nnx.Linear(512, NUM_CLASSES, dot_general=parts.dot_general, rngs=rngs)
+        self.fc2 = nnx.Linear(1024, 512, dot_general=parts.dot_general, dtype=dtype, rngs=rngs)
+        self.fc3 = nnx.Linear(512, NUM_CLASSES, dot_general=parts.dot_general, dtype=dtype, rngs=rngs)
         self.pool = hopfield_pooling(rngs) if pool == "hopfield" else None  # made last: the other layers
         # then start as in the average-pooling model
 
@@ -131,7 +143,7 @@ class CNN(nnx.Module):
             x = self.norm(x)  # BN right before dropout
         x = self.dropout(x, rngs=rngs)
         x = nnx.relu(self.fc2(x))
-        return jax.nn.log_softmax(self.fc3(x))
+        return jax.nn.log_softmax(at_least_float32(self.fc3(x)))
 
 
 def count_params(model: nnx.Module) -> int:

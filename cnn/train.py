@@ -26,6 +26,7 @@ from flax import nnx
 from cnn.model import CNN, NUM_CLASSES
 from common.batching import epoch_batches
 from common.parallel import batch_sharding, data_mesh, default_devices, in_process_collectives, put_replicated, replicated, to_host
+from common.precision import compute_dtype
 from common.training import TrainState, abstract_state, init_state, run_epoch, stack, member, train_step
 
 
@@ -75,11 +76,12 @@ class Trainer:
     """Holds what is static for a run (graphs, optimiser, mesh) and the jitted pure functions.
 
     ``devices``: the devices a batch is split over (default :func:`default_devices`);
-    ``batch_size`` must be a multiple of their number (``ValueError`` otherwise).
+    ``batch_size`` must be a multiple of their number (``ValueError`` otherwise). ``dtype``: the
+    model's computation, "float32" or "bfloat16" (:mod:`common.precision`; the state stays float32).
     """
 
     def __init__(self, batch_norm: bool, lr: float, batch_size: int, seed: int = 0, devices=None,
-                 impl: str = "reference", pool: str = "average"):
+                 impl: str = "reference", pool: str = "average", dtype: str = "float32"):
         devices = list(devices if devices is not None else default_devices())
         if batch_size % len(devices):
             raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} devices")
@@ -88,7 +90,8 @@ class Trainer:
         self.replicated, self.batch_sharding = replicated(self.mesh), batch_sharding(self.mesh)
         self.wait_each_step = in_process_collectives(self.mesh)  # one step in flight (common.parallel)
         self.tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
-        model = CNN(batch_norm, rngs=nnx.Rngs(params=seed), impl=impl, pool=pool)
+        self.dtype = dtype
+        model = CNN(batch_norm, rngs=nnx.Rngs(params=seed), impl=impl, pool=pool, dtype=compute_dtype(dtype))
         model.train()
         self.train_graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         model.eval()

@@ -53,13 +53,16 @@ def run_config(config: CNNConfig, lr: float, fingerprints: dict[str, str]) -> di
                 "impl": config.impl, "train_data": fingerprints["train"], "val_data": fingerprints["val"]}
     if config.pool != "average":
         identity["pool"] = config.pool
+    if config.dtype != "float32":
+        identity["dtype"] = config.dtype
     return identity
 
 
 def make_run(config: CNNConfig, lr: float, fingerprints: dict[str, str], devices, log) -> tuple[Run, Trainer]:
     """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer;
     ``fingerprints``: the splits' :func:`data_fingerprints`."""
-    trainer = Trainer(config.batch_norm, lr, config.batch_size, config.seed, devices, impl=config.impl, pool=config.pool)
+    trainer = Trainer(config.batch_norm, lr, config.batch_size, config.seed, devices, impl=config.impl, pool=config.pool,
+                      dtype=config.dtype)
     run = Run(run_dir(config.workdir, lr), run_config(config, lr, fingerprints), trainer, kind="cnn", epochs=config.epochs,
               metric="val_acc", maximize=True, log=log, label=f"lr={lr:g} ")
     return run, trainer
@@ -189,12 +192,13 @@ def cmd_evaluate(config: CNNConfig, log) -> int:
     data, directory = Path(config.data), checkpoint_folder(Path(config.evaluate), "cnn")
     trainer, state, _ = read_best(directory, "cnn", lambda saved: Trainer(
         saved["batch_norm"], saved["lr"], saved["batch_size"], saved["seed"], impl=config.impl,
-        pool=saved.get("pool", "average")))
+        pool=saved.get("pool", "average"), dtype=saved.get("dtype", "float32")))
     splits = load(data, required=("test",), tfds_dir=config.tfds_dir, log=log)
     log_duplicates(splits, warn)
     split = splits.test
     acc = trainer.evaluate(state, trainer.put(split.images), trainer.put(split.labels))["acc"]
-    log(f"{directory}: test accuracy {acc:.4f} on {len(split)} images of {data}")
+    computing = f" (computing in {trainer.dtype}, as it was trained)" if trainer.dtype != "float32" else ""
+    log(f"{directory}: test accuracy {acc:.4f} on {len(split)} images of {data}{computing}")
     print(strict_json({"test_acc": acc}))
     return 0
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from cnn.data import DEFAULT_NPZ
 from cnn.train import BatchNormBatchError, check_batch_norm_batch
-
+from common.precision import DTYPES
 from experiments._cli import dropout_rate, folder, non_negative_int, number, positive_float, positive_int, probability, seed
 from p2g.data import normalise
 
@@ -54,6 +54,10 @@ class Options:
 @dataclass(frozen=True)
 class RunOptions(Options):
     """The options every training command has: the implementation, output, devices and processes."""
+
+    dtype: str = option("float32", "what the model computes in: bfloat16 runs convolutions, dense layers, LSTMs and "
+                        "attention in bfloat16 from float32 parameters (optimiser state, BatchNorm statistics, "
+                        "softmax and loss stay float32)", choices=DTYPES)
     devices: int | None = option(None, "split each batch over this many devices (default: every accelerator of every "
                                  "process; one device in a one-process CPU run)", positive_int)
     coordinator: str | None = option(None, "multi-process run: process 0's address, the same on every process "
@@ -100,6 +104,9 @@ class CNNConfig(RunOptions):
         super().__post_init__()
         if self.pool != "average" and not self.batch_norm:
             raise ConfigError("pool", "--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
+        if self.pool == "hopfield" and self.dtype != "float32":
+            raise ConfigError("dtype", f"--dtype {self.dtype} does not cover the Hopfield pooling (--pool hopfield), "
+                                       "which computes in float32: leave --dtype float32")
         try:
             check_batch_norm_batch(self.batch_norm, self.batch_size)
         except BatchNormBatchError as err:
@@ -142,6 +149,9 @@ class P2GConfig(RunOptions):
             raise ConfigError("hidden", "--hidden must be even (half per encoder direction)")
         if self.attn != "hopfield" and self.hopfield_steps != 1:
             raise ConfigError("hopfield_steps", "--hopfield-steps goes with --attn hopfield")
+        if self.attn == "hopfield" and self.dtype != "float32":
+            raise ConfigError("dtype", f"--dtype {self.dtype} does not cover the Hopfield attention (--attn hopfield), "
+                                       "which computes in float32: leave --dtype float32")
 
     @property
     def workdir(self) -> Path:

@@ -70,7 +70,8 @@ def encoded_splits(config: P2GConfig, log) -> tuple[dict, dict, str]:
                 "seed": config.seed, "bucket": config.bucket, "src_vocab": list(src_vocab.symbols),
                 "tgt_vocab": list(tgt_vocab.symbols), "src_width": widths[0], "tgt_width": widths[1],
                 "impl": config.impl, "train_data": fingerprints["train"], "val_data": fingerprints["valid"],
-                **({"hopfield_steps": config.hopfield_steps} if config.attn == "hopfield" else {})}
+                **({"hopfield_steps": config.hopfield_steps} if config.attn == "hopfield" else {}),
+                **({"dtype": config.dtype} if config.dtype != "float32" else {})}
     encoded = {name: encode_pairs(pairs, src_vocab, tgt_vocab, *widths) for name, pairs in splits.items()}
     return encoded, identity, source
 
@@ -139,7 +140,7 @@ def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer
                    dropout=config["dropout"], attention=config["attention"], hopfield_steps=config.get("hopfield_steps", 1),
                    lr=config["lr"],
                    batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl,
-                   bucket=config.get("bucket", 1))
+                   bucket=config.get("bucket", 1), dtype=config.get("dtype", "float32"))
 
 
 def test_pairs(config: P2GTestConfig, trained: dict, log):
@@ -212,7 +213,8 @@ def cmd_test(options: P2GTestConfig, log) -> int:
     refs = data.spellings
     greedy = trainer.decode(state, data, tgt_vocab)
     result = {"cer": cer(refs, greedy), "wer": wer(refs, greedy), "wer_at_k": None}
-    log(f"{directory} (epoch {meta['best_epoch']}) on {len(refs)} words of {source}")
+    log(f"{directory} (epoch {meta['best_epoch']}{', computing in ' + trainer.dtype if trainer.dtype != 'float32' else ''}) "
+        f"on {len(refs)} words of {source}")
     log(f"greedy: CER {result['cer']:.4f}  WER {result['wer']:.4f}")
     if options.topp is not None:
         result.update(sample(trainer, state, data, pairs, tgt_vocab, options, log))

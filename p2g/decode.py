@@ -52,7 +52,7 @@ def decode(model: Seq2Seq, src, src_len, max_len: int = 50, top_p: float | None 
     src_mask = src != PAD
     B, S = src.shape
     tokens = jnp.full((B, max_len), PAD, jnp.int32)
-    attention = jnp.zeros((B, max_len, S), enc_outputs.dtype)
+    attention = jnp.zeros((B, max_len, S), jnp.promote_types(enc_outputs.dtype, jnp.float32))  # the weights' dtype
     key = jax.random.key(0) if key is None else key
 
     def cond(state):

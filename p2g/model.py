@@ -22,6 +22,11 @@ at once; decoding (:mod:`p2g.decode`) runs the same functions one step at a time
 gradients by autodiff. ``impl="xla_cpu"``: the LSTM layer and dropout of :mod:`p2g.xla_cpu`
 (a written-out LSTM gradient, hashed dropout masks), passed in as modules; same parameters
 (paths, shapes, initial values), same function.
+
+``dtype``: what the layers compute in (None: their float32 parameters'; ``jnp.bfloat16``: mixed
+precision, :mod:`common.precision`): embeddings, LSTMs (their carries too) and attention in that
+dtype from float32 parameters; the attention softmax and the logits (hence the loss and decoding's
+softmax) in float32. The Hopfield attention has no bfloat16 path.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from common.precision import at_least_float32
 from p2g.data import PAD
 
 IMPLS = ("reference", "xla_cpu")
@@ -73,11 +79,12 @@ def length_mask(lengths, width: int):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, vocab_size: int, hidden: int, dropout: float, rngs: nnx.Rngs, impl: str = "reference"):
+    def __init__(self, vocab_size: int, hidden: int, dropout: float, rngs: nnx.Rngs, impl: str = "reference",
+                 dtype=None):
         parts = layers(impl)
-        self.embedding = nnx.Embed(vocab_size, hidden, rngs=rngs)
-        forward = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden // 2, rngs=rngs))
-        backward = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden // 2, rngs=rngs))
+        self.embedding = nnx.Embed(vocab_size, hidden, dtype=dtype, rngs=rngs)
+        forward = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden // 2, dtype=dtype, rngs=rngs))
+        backward = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden // 2, dtype=dtype, rngs=rngs))
         self.rnn = nnx.Bidirectional(forward, backward, rngs=False)
         self.dropout = parts.dropout(dropout)
         self.half = hidden // 2
@@ -96,22 +103,23 @@ class Encoder(nnx.Module):
 
 
 class BahdanauAttention(nnx.Module):
-    def __init__(self, hidden: int, rngs: nnx.Rngs):
-        self.W_s = nnx.Linear(hidden, hidden, use_bias=False, rngs=rngs)
-        self.W_h = nnx.Linear(hidden, hidden, use_bias=False, rngs=rngs)
-        self.v = nnx.Linear(hidden, 1, use_bias=False, rngs=rngs)
-        self.W_out = nnx.Linear(2 * hidden, hidden, use_bias=False, rngs=rngs)
+    def __init__(self, hidden: int, rngs: nnx.Rngs, dtype=None):
+        self.W_s = nnx.Linear(hidden, hidden, use_bias=False, dtype=dtype, rngs=rngs)
+        self.W_h = nnx.Linear(hidden, hidden, use_bias=False, dtype=dtype, rngs=rngs)
+        self.v = nnx.Linear(hidden, 1, use_bias=False, dtype=dtype, rngs=rngs)
+        self.W_out = nnx.Linear(2 * hidden, hidden, use_bias=False, dtype=dtype, rngs=rngs)
 
     def weights(self, s, keys, src_mask):
         """Attention weights (B,T,S) of decoder states ``s`` (B,T,H) over encoder outputs
-        ``keys`` (B,S,H); PAD positions (``src_mask`` False) get weight 0."""
+        ``keys`` (B,S,H); PAD positions (``src_mask`` False) get weight 0. The softmax is in
+        float32 at least."""
         scores = self.v(jnp.tanh(self.W_s(s)[:, :, None, :] + self.W_h(keys)[:, None, :, :]))[..., 0]
-        return jax.nn.softmax(jnp.where(src_mask[:, None, :], scores, -jnp.inf), axis=-1)
+        return jax.nn.softmax(jnp.where(src_mask[:, None, :], at_least_float32(scores), -jnp.inf), axis=-1)
 
     def __call__(self, s, keys, src_mask):
-        """s~ = tanh(W_out [c; s]): (B,T,H) and the weights (B,T,S)."""
+        """s~ = tanh(W_out [c; s]): (B,T,H) in ``keys``' dtype, and the weights (B,T,S)."""
         alpha = self.weights(s, keys, src_mask)
-        context = jnp.einsum("bts,bsh->bth", alpha, keys)
+        context = jnp.einsum("bts,bsh->bth", alpha.astype(keys.dtype), keys)
         return jnp.tanh(self.W_out(jnp.concatenate([context, s], axis=-1))), alpha
 
 
@@ -154,21 +162,25 @@ def attention_kind(attention: bool | str | None) -> str | None:
 
 class Decoder(nnx.Module):
     def __init__(self, vocab_size: int, hidden: int, dropout: float, attention: bool | str, rngs: nnx.Rngs,
-                 impl: str = "reference", hopfield_steps: int = 1):
+                 impl: str = "reference", hopfield_steps: int = 1, dtype=None):
         parts = layers(impl)
-        self.embedding = nnx.Embed(vocab_size, hidden, rngs=rngs)
-        self.rnn = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden, rngs=rngs))
         kind = attention_kind(attention)
-        self.attention = (None if kind is None else BahdanauAttention(hidden, rngs) if kind == "bahdanau"
+        if kind == "hopfield" and dtype is not None:
+            raise ValueError("the Hopfield attention computes in its parameters' dtype: it takes no dtype "
+                             "(no bfloat16 path)")
+        self.embedding = nnx.Embed(vocab_size, hidden, dtype=dtype, rngs=rngs)
+        self.rnn = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden, dtype=dtype, rngs=rngs))
+        self.attention = (None if kind is None else BahdanauAttention(hidden, rngs, dtype) if kind == "bahdanau"
                           else HopfieldAttention(hidden, hopfield_steps, rngs))
         self.dropout = parts.dropout(dropout)
 
     def output(self, s, enc_outputs, src_mask, rngs=None):
-        """LSTM outputs (B,T,H) -> logits (B,T,V) and attention weights (B,T,S) or None."""
+        """LSTM outputs (B,T,H) -> logits (B,T,V), float32 at least, and attention weights (B,T,S)
+        or None."""
         alpha = None
         if self.attention is not None:
             s, alpha = self.attention(s, enc_outputs, src_mask)
-        return self.embedding.attend(self.dropout(s, rngs=rngs)), alpha
+        return at_least_float32(self.embedding.attend(self.dropout(s, rngs=rngs))), alpha
 
     def __call__(self, tgt_in, carry, enc_outputs, src_mask, rngs=None):
         """Teacher forcing: ``tgt_in`` (B,T) -> logits (B,T,V), attention (B,T,S) or None. Steps
@@ -190,14 +202,16 @@ class Decoder(nnx.Module):
 class Seq2Seq(nnx.Module):
     """Phonemes (B,S) -> character logits (B,T,V) with teacher forcing. ``attention``: False,
     True (Bahdanau's) or "hopfield" (:class:`HopfieldAttention` with ``hopfield_steps`` CCCP
-    updates); ``impl`` picks the layer set (module docstring). Raises ``ValueError`` for an
-    unknown ``impl`` or ``attention``."""
+    updates); ``impl`` picks the layer set and ``dtype`` the computation's dtype (module docstring).
+    Raises ``ValueError`` for an unknown ``impl`` or ``attention``, and for the Hopfield attention
+    with a ``dtype``."""
 
     def __init__(self, src_vocab: int, tgt_vocab: int, hidden: int = 128, dropout: float = 0.3,
-                 attention: bool | str = False, *, rngs: nnx.Rngs, impl: str = "reference", hopfield_steps: int = 1):
+                 attention: bool | str = False, *, rngs: nnx.Rngs, impl: str = "reference", hopfield_steps: int = 1,
+                 dtype=None):
         self.impl = impl
-        self.encoder = Encoder(src_vocab, hidden, dropout, rngs, impl)
-        self.decoder = Decoder(tgt_vocab, hidden, dropout, attention, rngs, impl, hopfield_steps)
+        self.encoder = Encoder(src_vocab, hidden, dropout, rngs, impl, dtype)
+        self.decoder = Decoder(tgt_vocab, hidden, dropout, attention, rngs, impl, hopfield_steps, dtype)
 
     def __call__(self, src, src_len, tgt_in, rngs: nnx.Rngs | None = None):
         """Padded batches: ``src`` (B,S), ``src_len`` (B,), ``tgt_in`` (B,T) -> logits (B,T,V)."""

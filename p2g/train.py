@@ -26,6 +26,7 @@ from flax import nnx
 
 from common.batching import bucketed_batches
 from common.parallel import batch_sharding, data_mesh, in_process_collectives, put_replicated, replicated, to_host
+from common.precision import compute_dtype
 from common.training import TrainState, abstract_state, init_state, run_epoch, train_step
 from p2g.data import Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
@@ -52,12 +53,13 @@ class Trainer:
     """What is static for a run (graphs, optimiser, mesh) and the jitted pure functions.
 
     ``devices``: the devices a batch is split over (default: every device of every process);
-    ``batch_size`` must be a multiple of their number (``ValueError`` otherwise).
+    ``batch_size`` must be a multiple of their number (``ValueError`` otherwise). ``dtype``: the
+    model's computation, "float32" or "bfloat16" (:mod:`common.precision`; the state stays float32).
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
                  lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None,
-                 impl: str = "reference", hopfield_steps: int = 1, bucket: int = 16):
+                 impl: str = "reference", hopfield_steps: int = 1, bucket: int = 16, dtype: str = "float32"):
         self.batch_size, self.seed, self.bucket = batch_size, seed, bucket
         self.mesh = data_mesh(devices)
         if batch_size % self.mesh.size:
@@ -66,12 +68,12 @@ class Trainer:
         self.wait_each_step = in_process_collectives(self.mesh)  # one step in flight (common.parallel)
         self.tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
         model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed), impl=impl,
-                        hopfield_steps=hopfield_steps)
+                        hopfield_steps=hopfield_steps, dtype=compute_dtype(dtype))
         model.train()
         self.train_graph, self._params = nnx.split(model, nnx.Param)
         model.eval()
         self.eval_graph, _ = nnx.split(model, nnx.Param)
-        self.attention, self.impl = attention, impl
+        self.attention, self.impl, self.dtype = attention, impl, dtype
         donate = (0,) if self.mesh.devices.flat[0].platform != "cpu" else ()
         self._step = jax.jit(train_step(self._loss, self.tx, seed), donate_argnums=donate, out_shardings=self.replicated)
         self._eval_loss = jax.jit(self._eval_loss_impl, out_shardings=self.replicated)

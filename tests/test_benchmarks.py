@@ -78,3 +78,16 @@ def test_runner_prints_a_table_and_a_final_json_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_run.main(["--rounds", "0"])
     assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_runs_the_protocols_through_the_command_lines(capsys):
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--quick", "--impls", "xla_cpu", "--dtypes", "bfloat16"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["device"].startswith("cpu") and summary["quick"] is True
+    assert set(summary["runs"]) == {"cnn_xla_cpu_bfloat16", "p2g_xla_cpu_bfloat16"}
+    cnn, p2g = summary["runs"]["cnn_xla_cpu_bfloat16"], summary["runs"]["p2g_xla_cpu_bfloat16"]
+    assert cnn["epochs"] == p2g["epochs"] == 1 and 0 <= cnn["test_acc"] <= 1 and 0 <= p2g["val_cer"]
+    assert cnn["wall_s"] > cnn["train_s"] > 0

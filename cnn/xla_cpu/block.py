@@ -18,8 +18,8 @@ class ConvBlock(model.ConvBlock):
     statistics: it updates the running averages as ``nnx.BatchNorm`` does,
     ``r <- momentum r + (1 - momentum) batch``."""
 
-    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool, rngs: nnx.Rngs):
-        super().__init__(in_channels, out_channels, batch_norm, rngs)
+    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool, rngs: nnx.Rngs, dtype=None):
+        super().__init__(in_channels, out_channels, batch_norm, rngs, dtype)
         self.dropout = HashedDropout(model.DROPOUT)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -34,11 +34,11 @@ class ConvBlock(model.ConvBlock):
 
     def _normalise_relu_pool(self, x: jax.Array) -> jax.Array:
         """Training mode: conv (its bias left to BatchNorm, which cancels it) -> fused BatchNorm ->
-        ReLU -> pool, and the running statistics' update."""
-        norm = self.norm
-        y = jax.lax.conv_general_dilated(x, self.conv.kernel[...], (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        x, mean, var = batch_norm_relu_pool(y, self.conv.bias[...], norm.scale[...], norm.bias[...], norm.epsilon)
+        ReLU -> pool, and the running statistics' update; the conv in ``self.conv``'s dtype, as nnx.Conv."""
+        norm, conv = self.norm, self.conv
+        x, kernel = conv.promote_dtype((x, conv.kernel[...]), dtype=conv.dtype)
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, mean, var = batch_norm_relu_pool(y, conv.bias[...], norm.scale[...], norm.bias[...], norm.epsilon)
         norm.mean[...] = jax.lax.stop_gradient(norm.momentum * norm.mean[...] + (1 - norm.momentum) * mean)
         norm.var[...] = jax.lax.stop_gradient(norm.momentum * norm.var[...] + (1 - norm.momentum) * var)
         return x

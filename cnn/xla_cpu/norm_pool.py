@@ -21,6 +21,9 @@ running averages). Written this way the block's full-resolution tensors are read
 passes (two for the statistics, one for the pool) and the gradient written in one, straight into
 the layout the kernel gradient reads, where autodiff of the composed layers makes many passes
 around reductions XLA:CPU cannot fuse (measurements: docs/performance.md).
+
+A bfloat16 y (mixed precision) is widened to float32 for all of this, as ``nnx.BatchNorm``
+computes its statistics and normalisation; out and dy are in y's dtype.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn.xla_cpu.pool import corners, pick, position_code, route, winners
+from common.precision import at_least_float32
 
 _AXES = (0, 1, 2)
 
@@ -40,20 +44,21 @@ _AXES = (0, 1, 2)
 def batch_norm_relu_pool(y: jax.Array, bias: jax.Array, scale: jax.Array, beta: jax.Array, eps: float):
     """``(B, H, W, C), (C,) x 3, eps -> (out (B, H/2, W/2, C), mean (C,), var (C,))``, as in the
     module docstring; ``mean`` and ``var`` are the batch statistics of ``y + bias`` (for the
-    running averages)."""
+    running averages), float32 at least; ``out`` in ``y``'s dtype."""
     return _forward(y, bias, scale, beta, eps)[0]
 
 
 def _forward(y, bias, scale, beta, eps):
     chex.assert_rank([y, bias, scale, beta], [4, 1, 1, 1])  # here, so that it runs under autodiff too
     chex.assert_equal_shape([bias, scale, beta, y[0, 0, 0]])
-    m = jnp.mean(y, _AXES)
-    var = jnp.maximum(jnp.mean(jnp.square(y), _AXES) - jnp.square(m), 0.0)
+    wide = at_least_float32(y)
+    m = jnp.mean(wide, _AXES)
+    var = jnp.maximum(jnp.mean(jnp.square(wide), _AXES) - jnp.square(m), 0.0)
     rstd = jax.lax.rsqrt(var + eps)
-    xhat = (y - m) * rstd
+    xhat = (wide - m) * rstd
     zmax, below, right = winners(corners(xhat * scale + beta))
     xhat_winner = pick(corners(xhat), below, right)
-    out = jnp.maximum(zmax, 0.0)
+    out = jnp.maximum(zmax, 0.0).astype(y.dtype)
     residuals = (y, m, rstd, scale, position_code(below, right), xhat_winner, out)
     return (out, m + bias, var), residuals
 
@@ -62,15 +67,15 @@ def _backward(eps, residuals, cotangents):
     y, m, rstd, scale, code, xhat_winner, out = residuals
     g, g_mean, g_var = cotangents
     n = y.shape[0] * y.shape[1] * y.shape[2]
-    gz = jnp.where(out > 0, g, 0.0)
+    gz = jnp.where(out > 0, at_least_float32(g), 0.0)
     d_beta = jnp.sum(gz, _AXES)
     d_scale = jnp.sum(gz * xhat_winner, _AXES)
     gx = gz * scale
     mean_gx = jnp.sum(gx, _AXES) / n
     mean_gx_xhat = jnp.sum(gx * xhat_winner, _AXES) / n
-    centred = y - m
+    centred = at_least_float32(y) - m
     dy = rstd * (route(gx, code) - mean_gx - centred * (rstd * mean_gx_xhat)) + (g_mean + 2 * g_var * centred) / n
-    return dy, g_mean, d_scale, d_beta
+    return dy.astype(y.dtype), g_mean, d_scale, d_beta
 
 
 batch_norm_relu_pool.defvjp(_forward, _backward)

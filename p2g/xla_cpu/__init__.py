@@ -26,8 +26,9 @@ class LSTM(nnx.RNN):
     :func:`p2g.xla_cpu.lstm.lstm_layer`. Batch-major inputs (B,S,D); ``seq_lengths`` (B,) as in
     ``nnx.RNN`` (steps past a length keep the carry; their outputs are 0 here); ``reverse`` reads
     each sequence last valid step first and, with ``keep_order`` (how ``nnx.Bidirectional`` calls
-    it), writes each output at its input's position. Raises ``ValueError`` for time-major inputs
-    or reversed outputs (``reverse`` without ``keep_order``)."""
+    it), writes each output at its input's position. Inputs and parameters are cast to the cell's
+    ``dtype`` as the cell casts them (the carry keeps its own). Raises ``ValueError`` for
+    time-major inputs or reversed outputs (``reverse`` without ``keep_order``)."""
 
     def __init__(self, cell: nnx.OptimizedLSTMCell, **kwargs):
         super().__init__(cell, rngs=False, **kwargs)
@@ -44,8 +45,9 @@ class LSTM(nnx.RNN):
             zeros = jnp.zeros((B, cell.hidden_features), inputs.dtype)
             initial_carry = (zeros, zeros)
         lengths = jnp.full((B,), S, jnp.int32) if seq_lengths is None else seq_lengths
-        carry, outputs = lstm_layer(bool(reverse), cell.dense_i.kernel[...], cell.dense_h.kernel[...],
-                                    cell.dense_h.bias[...], inputs.reshape(B * S, D),
+        inputs, kernel_i, kernel_h, bias = cell.promote_dtype(
+            (inputs, cell.dense_i.kernel[...], cell.dense_h.kernel[...], cell.dense_h.bias[...]), dtype=cell.dtype)
+        carry, outputs = lstm_layer(bool(reverse), kernel_i, kernel_h, bias, inputs.reshape(B * S, D),
                                     jnp.arange(B, dtype=jnp.int32) * S, lengths, initial_carry)
         outputs = outputs.reshape(B, S, -1)
         return (carry, outputs) if pick(return_carry, self.return_carry) else outputs
