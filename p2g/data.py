@@ -246,3 +246,19 @@ def encode_pairs(pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, src_widt
         tgt_in[i, : len(t) + 1] = [SOS] + t
         tgt_out[i, : len(t) + 1] = t + [EOS]
     return Batchable(src, src_len, tgt_in, tgt_out, [p.spelling for p in pairs])
+
+
+def unseen_symbols_note(pairs, src_vocab: Vocab, tgt_vocab: Vocab, what: str) -> str | None:
+    """A one-line note counting the words of ``pairs`` with phonemes (read as UNK) or letters (which
+    the model cannot spell) outside the training vocabularies; None where there are none."""
+    parts = []
+    for name, vocab, sequences in (("phonemes", src_vocab, [p.phonemes for p in pairs]),
+                                   ("letters", tgt_vocab, [p.spelling for p in pairs])):
+        known = set(vocab.symbols)
+        words = [seq for seq in sequences if not set(seq) <= known]
+        if words:
+            symbols = sorted({s for seq in words for s in seq} - known)
+            shown = " ".join(symbols[:10]) + (" ..." if len(symbols) > 10 else "")
+            effect = "read as <unk>" if name == "phonemes" else "which the model cannot write"
+            parts.append(f"{len(words)} with {name} not in the training data ({shown}), {effect}")
+    return f"note: of the {len(pairs)} words of {what}, " + "; ".join(parts) if parts else None
