@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from common.parallel import is_main_process
+from common.training import Trace
 from experiments._checkpoint import CheckpointError, run_checkpoints
 from experiments._parallel import check_same_run, start_parallel
 from experiments._training import Run, batch_devices, fingerprint, fit, metrics, read_best, read_metrics, write_metrics
@@ -116,8 +117,10 @@ def cmd_train(config: P2GConfig, log) -> int:
     train, valid, tgt_vocab = data["train"], data["valid"], Vocab(tuple(identity["tgt_vocab"]))
     devices = batch_devices(config.batch_size, len(train), f"pairs of {source}", config.devices)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(identity, devices, config.impl)
+    trainer = make_trainer(identity, devices, config.impl, config.steps_per_call)
     run = Run(out, identity, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
+    if config.profile is not None and not run.finished:
+        trainer.trace = Trace.after_compilation(config.profile, run.epochs_done, config.epochs)
     resumable_from(out)
     name = {None: "no attention", "bahdanau": "attention"}.get(config.attn, f"Hopfield attention, {config.hopfield_steps} step(s)")
     tested = f" / {len(data['test'])} test" if "test" in data else ""
@@ -132,6 +135,8 @@ def cmd_train(config: P2GConfig, log) -> int:
     fit([run], lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
         steps=math.ceil(len(train) / config.batch_size))
     run.close()
+    if trainer.trace is not None:
+        log(f"profile: a jax.profiler trace under {config.profile} (README: opening it)")
     described = describe(config, trainer)
     if run.best is None:
         write_metrics(out, metrics("p2g", recorded(config), {f"{config.lr:g}": run}, None, None, **described))
@@ -150,12 +155,12 @@ def cmd_train(config: P2GConfig, log) -> int:
     return 0
 
 
-def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer:
+def make_trainer(config: dict, devices=None, impl: str = "reference", steps_per_call: int | None = None) -> Trainer:
     return Trainer(len(config["src_vocab"]), len(config["tgt_vocab"]), hidden=config["hidden"],
                    dropout=config["dropout"], attention=config["attention"], hopfield_steps=config.get("hopfield_steps", 1),
                    lr=config["lr"],
                    batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl,
-                   bucket=config.get("bucket", 1))
+                   bucket=config.get("bucket", 1), steps_per_call=steps_per_call)
 
 
 def resolve_checkpoint(path: Path) -> Path:
