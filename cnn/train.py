@@ -30,7 +30,7 @@ from flax import nnx
 from cnn.model import CNN, NUM_CLASSES
 from common.batching import epoch_batches
 from common.parallel import batch_sharding, data_mesh, default_devices, in_process_collectives, put_replicated, replicated, to_host
-from common.training import (TrainState, abstract_state, block_step, blocks, init_state, jit_block, member, run_epoch,
+from common.training import (TrainState, abstract_state, block_step, init_state, jit_block, member, run_epoch,
                              stack, steps_per_call, train_step)
 
 # K of a CPU run (--steps-per-call's default there): a step in a loop loses XLA:CPU's fast paths
@@ -174,8 +174,8 @@ class Trainer:
         data = self.placed(images, labels)
         indices = self.epoch_batches(len(labels), epoch)
         K = steps_per_call(self.steps_per_call, len(indices), self.mesh.devices.flat[0].platform, CPU_STEPS_PER_CALL)
-        return run_epoch(block, state, data, ((rows, None) for rows in blocks(indices, K)), epoch,
-                         self.batch_sharding, self.wait_each_step, progress, self.trace)
+        return run_epoch(block, state, data, indices, epoch, self.batch_sharding, K, None, self.wait_each_step, progress,
+                         self.trace)
 
     def put(self, array):
         """Place a host array (or a tree of them), held in full by every process, on every device."""

@@ -10,15 +10,16 @@ pure function for both (:func:`train_step`):
 
 One dispatch runs a block of K steps (:func:`block_step`: a ``lax.scan`` over K rows of example
 indices, each batch gathered on the devices), and one epoch is :func:`run_epoch`: the epoch's
-indices, computed on the host, cut into blocks of K (:func:`blocks`), one jitted call per block,
-the losses kept on the devices until the epoch ends. K changes only speed: the batches, dropout
+indices, computed on the host and placed on the devices once, cut into blocks of K
+(:func:`blocks`), one jitted call per block with nothing sent from the host, the losses kept on
+the devices until the epoch ends. K changes only speed: the batches, dropout
 keys and step count are those of K = 1. A learning-rate sweep stacks its members' states on a
 leading axis (:func:`stack`) and ``jax.vmap``-s the same step over it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -66,30 +67,39 @@ def train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: int) -
 
 
 def block_step(step: Callable, gather: Callable, sharding: NamedSharding) -> Callable:
-    """``block(state, data, indices, epoch, shape) -> (state, losses)``: ``step(state, batch, epoch)
-    -> (state, loss)`` (pure, for ``jax.jit`` with ``shape`` static) on each row of ``indices``
-    (K, B) in turn, a ``lax.scan`` over K (for K = 1 the step alone, which keeps XLA:CPU's fast
-    paths of a step outside a loop); ``losses`` is (K, ...) of the steps' losses. The batch of a
-    row is ``gather(data, index, shape)`` (data: the training arrays on the devices; index: (B,);
-    shape: the static widths a part needs, or None) constrained to ``sharding``, so that each
-    device gathers only its own rows."""
+    """``block(leaves, data, indices, epoch, start, treedef, steps, shape) -> (leaves, losses,
+    start + steps)``: ``step(state, batch, epoch) -> (state, loss)`` on rows ``start``..``start +
+    steps - 1`` of ``indices`` (N, B), the epoch's example indices on the devices, in turn: a
+    ``lax.scan`` over K = ``steps`` rows (for K = 1 the step alone, which keeps XLA:CPU's fast
+    paths of a step outside a loop). Pure, for ``jax.jit`` with ``treedef``, ``steps`` and
+    ``shape`` static. The state goes in and out as its ``jax.tree.flatten`` leaves (a list, which
+    jit's dispatch reads without calling back into Python, unlike NNX's state nodes) of
+    ``treedef``; ``start`` is a () int32 on the devices, returned advanced so that the host never
+    sends a block's position. ``losses`` is (K, ...) of the steps' losses. The batch of a row is
+    ``gather(data, index, shape)`` (data: the training arrays on the devices; index: (B,); shape:
+    the static widths a part needs, or None) constrained to ``sharding``, so that each device
+    gathers only its own rows."""
     def one(state, data, index, epoch, shape):
         batch = jax.lax.with_sharding_constraint(gather(data, index, shape), sharding)
         return step(state, batch, epoch)
 
-    def block(state, data, indices: jax.Array, epoch, shape=None):
-        if indices.shape[0] == 1:
-            state, loss = one(state, data, indices[0], epoch, shape)
-            return state, loss[None]
-        return jax.lax.scan(lambda state, index: one(state, data, index, epoch, shape), state, indices)
+    def block(leaves, data, indices: jax.Array, epoch, start: jax.Array, treedef, steps: int, shape=None):
+        state = jax.tree.unflatten(treedef, leaves)
+        rows = jax.lax.dynamic_slice_in_dim(indices, start, steps, axis=0)
+        if steps == 1:
+            state, loss = one(state, data, rows[0], epoch, shape)
+            losses = loss[None]
+        else:
+            state, losses = jax.lax.scan(lambda state, index: one(state, data, index, epoch, shape), state, rows)
+        return jax.tree.leaves(state), losses, start + steps
 
     return block
 
 
 def jit_block(block: Callable, sharding: NamedSharding, donate: tuple[int, ...] = ()) -> Callable:
-    """``jax.jit`` of a :func:`block_step` (``shape`` static, outputs replicated by ``sharding``,
-    the state donated where ``donate`` is ``(0,)``)."""
-    return jax.jit(block, static_argnames="shape", donate_argnums=donate, out_shardings=sharding)
+    """``jax.jit`` of a :func:`block_step` (``treedef``, ``steps`` and ``shape`` static, outputs
+    replicated by ``sharding``, the state donated where ``donate`` is ``(0,)``)."""
+    return jax.jit(block, static_argnames=("treedef", "steps", "shape"), donate_argnums=donate, out_shardings=sharding)
 
 
 def blocks(indices: np.ndarray, steps_per_call: int) -> Iterator[np.ndarray]:
@@ -132,40 +142,45 @@ class Trace:
         return cls(str(directory), first + 1 if second else first, 0 if second else 1, steps)
 
 
-def run_epoch(block: Callable, state, data, batches: Iterable[tuple[np.ndarray, Any]], epoch: int,
-              sharding: NamedSharding, wait: bool = False, progress: Callable[[int], Any] | None = None,
-              trace: Trace | None = None):
-    """Call ``block(state, data, indices, epoch, shape) -> (state, losses)`` (a jitted
-    :func:`block_step`) on each (indices (K, B), shape) of ``batches`` (host indices that every
-    process holds in full: each process places only the columns of its own devices, sharded by
-    ``sharding``); returns (state, the mean of all the steps' losses, as a host array). ``data``:
-    the training arrays already on the devices. ``wait``: block on each call (one call in flight,
-    :func:`common.parallel.in_process_collectives`); ``progress`` is called with K after each call;
-    ``trace``: profile some of the blocks of its epoch (:class:`Trace`)."""
-    epoch_ = put_replicated(sharding.mesh, np.int32(epoch))
+def run_epoch(block: Callable, state, data, indices: np.ndarray, epoch: int, sharding: NamedSharding,
+              steps_per_call: int = 1, shape: Callable[[np.ndarray], Any] | None = None, wait: bool = False,
+              progress: Callable[[int], Any] | None = None, trace: Trace | None = None):
+    """One epoch: ``block`` (a jitted :func:`block_step`) called on each block of K =
+    ``steps_per_call`` rows of ``indices`` (N, B), the epoch's example indices, which every
+    process holds in full on the host and which are placed once (each process sending only the
+    columns of its own devices, split by ``sharding``); returns (state, the mean of all N steps'
+    losses, as a host array). ``data``: the training arrays already on the devices; ``shape(rows)``:
+    the static shape argument of a block of host rows (K, B) (None: none). ``wait``: block on
+    each call (one call in flight, :func:`common.parallel.in_process_collectives`); ``progress``
+    is called with K after each call; ``trace``: profile some of the blocks of its epoch
+    (:class:`Trace`). Raises ``ValueError`` for K < 1."""
+    epoch_, start = put_replicated(sharding.mesh, (np.int32(epoch), np.int32(0)))
+    placed = global_indices(sharding, indices)
+    leaves, treedef = jax.tree.flatten(state)
     losses, tracing, traced = [], False, 0
     try:
-        for number, (indices, shape) in enumerate(batches):
+        for number, rows in enumerate(blocks(indices, steps_per_call)):
             if trace is not None and trace.epoch == epoch and number == trace.skip:
-                jax.block_until_ready(state)  # the trace starts with no earlier block in flight
+                jax.block_until_ready(leaves)  # the trace starts with no earlier block in flight
                 jax.profiler.start_trace(trace.directory)
                 tracing = True
-            state, loss = block(state, data, global_indices(sharding, indices), epoch_, shape)
+            leaves, loss, start = block(leaves, data, placed, epoch_, start, treedef=treedef, steps=len(rows),
+                                        shape=None if shape is None else shape(rows))
             if wait:
                 loss.block_until_ready()
             losses.append(loss)
-            traced += len(indices) if tracing else 0
+            traced += len(rows) if tracing else 0
             if tracing and traced >= trace.steps:
-                jax.block_until_ready(state)  # the traced blocks' device work ends inside the trace
+                jax.block_until_ready(leaves)  # the traced blocks' device work ends inside the trace
                 jax.profiler.stop_trace()
                 tracing = False
             if progress is not None:
-                progress(len(indices))
+                progress(len(rows))
     finally:
         if tracing:  # the epoch ended, or failed, before the trace had its steps
-            jax.block_until_ready(state)
+            jax.block_until_ready(leaves)
             jax.profiler.stop_trace()
-    return state, to_host(jnp.mean(jnp.concatenate(losses), axis=0))
+    return jax.tree.unflatten(treedef, leaves), to_host(jnp.mean(jnp.concatenate(losses), axis=0))
 
 
 def stack(states: list) -> Any:

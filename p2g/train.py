@@ -33,7 +33,7 @@ from flax import nnx
 
 from common.batching import bucketed_batches
 from common.parallel import batch_sharding, data_mesh, in_process_collectives, put_replicated, replicated, to_host
-from common.training import TrainState, abstract_state, block_step, blocks, init_state, jit_block, run_epoch, steps_per_call, train_step
+from common.training import TrainState, abstract_state, block_step, init_state, jit_block, run_epoch, steps_per_call, train_step
 from p2g.data import Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
 from p2g.model import Seq2Seq, sequence_loss
@@ -140,9 +140,8 @@ class Trainer:
             self._train_data = (data, put_replicated(self.mesh, arrays))
         indices = self.epoch_batches(data, epoch)
         K = steps_per_call(self.steps_per_call, len(indices), self.mesh.devices.flat[0].platform, CPU_STEPS_PER_CALL)
-        batches = ((rows, batch_widths(data, rows)) for rows in blocks(indices, K))
-        return run_epoch(block, state, self._train_data[1], batches, epoch, self.batch_sharding, self.wait_each_step,
-                         progress, self.trace)
+        return run_epoch(block, state, self._train_data[1], indices, epoch, self.batch_sharding, K,
+                         lambda rows: batch_widths(data, rows), self.wait_each_step, progress, self.trace)
 
     # -- evaluation --------------------------------------------------------------------------
 

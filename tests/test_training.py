@@ -227,3 +227,17 @@ def test_cli_steps_per_call_resumes_and_profiles(part, tmp_path):
     for x, y in zip(history(a), history(b), strict=True):
         for key in x.keys() - {"seconds"}:
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_prints_its_figures(capsys):
+    from benchmarks import overhead
+
+    assert overhead.main(["--quick", "--epochs", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) == {"cnn", "p2g"}
+    for figures in summary.values():
+        assert set(figures) == {"k1_us", "default_us", "default_k", "epoch_us", "host_path_us"}
+        assert isinstance(figures["default_k"], int) and figures["default_k"] >= 1
+        for key, value in figures.items():
+            assert np.isfinite(value) and value > 0, key
