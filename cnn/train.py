@@ -8,10 +8,14 @@ and ``stats`` (``nnx.BatchStat``); a training step is one jitted pure function o
     (loss, stats'), g = value_and_grad(NLL(log_softmax(f(params, stats, x_b)), y_b))
     params <- params - lr * g                    (optax.sgd, lr injected: a leaf of the state)
 
-Why one jitted call per step and not a ``lax.scan`` over the epoch: on XLA:CPU a convolutional
-step inside a while loop loses XLA's fast paths (docs/performance.md). Batches and dropout keys
-are functions of (seed, epoch, step) (:mod:`common.batching`), so a resumed run, or one split over
-any number of devices or processes, repeats an uninterrupted one-device run.
+The training images stay on the devices (replicated: every device holds the whole training set,
+small at 48x48 pixels; each process places it from its own full copy) and each dispatch runs K
+steps, a ``lax.scan`` over K batches gathered on the devices (:func:`common.training.block_step`),
+by default the whole epoch on an accelerator and :data:`CPU_STEPS_PER_CALL` on a CPU, where a
+convolutional step inside a while loop loses XLA:CPU's fast paths (docs/performance.md). Batches
+and dropout keys are functions of (seed, epoch, step) (:mod:`common.batching`), so a resumed run,
+one with another K, or one split over any number of devices or processes, repeats an
+uninterrupted one-device run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ from cnn.model import CNN, NUM_CLASSES
 from common.batching import epoch_batches
 from common.parallel import batch_sharding, data_mesh, default_devices, in_process_collectives, put_replicated, replicated, to_host
 from common.precision import compute_dtype
-from common.training import TrainState, abstract_state, init_state, run_epoch, stack, member, train_step
+from common.training import (TrainState, abstract_state, block_step, init_state, jit_block, member, run_epoch,
+                             stack, steps_per_call, train_step)
+
+# K of a CPU run (--steps-per-call's default there): a step in a loop loses XLA:CPU's fast paths
+# for convolutions, so one step a dispatch (docs/performance.md).
+CPU_STEPS_PER_CALL = 1
 
 
 def donated_state(devices) -> tuple[int, ...]:
@@ -72,16 +81,25 @@ def pixels(images_u8: jax.Array) -> jax.Array:
     return images_u8.astype(jnp.float32) / 255.0
 
 
+def gather(data: dict, index: jax.Array, shape=None) -> dict:
+    """The batch ``index`` (B,) of the training ``data`` on the devices (``images`` (N,48,48,3)
+    uint8, ``labels`` (N,) int32): images (B,48,48,3), labels (B,). ``shape`` is unused."""
+    return {"images": data["images"][index], "labels": data["labels"][index]}
+
+
 class Trainer:
     """Holds what is static for a run (graphs, optimiser, mesh) and the jitted pure functions.
 
     ``devices``: the devices a batch is split over (default :func:`default_devices`);
     ``batch_size`` must be a multiple of their number (``ValueError`` otherwise). ``dtype``: the
     model's computation, "float32" or "bfloat16" (:mod:`common.precision`; the state stays float32).
+    ``steps_per_call``: K, the steps of one dispatch (None: :func:`common.training.steps_per_call`'s
+    default); ``trace``: a :class:`common.training.Trace` of the epoch it names (settable).
     """
 
     def __init__(self, batch_norm: bool, lr: float, batch_size: int, seed: int = 0, devices=None,
-                 impl: str = "reference", pool: str = "average", dtype: str = "float32"):
+                 impl: str = "reference", pool: str = "average", dtype: str = "float32",
+                 steps_per_call: int | None = None):
         devices = list(devices if devices is not None else default_devices())
         if batch_size % len(devices):
             raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} devices")
@@ -100,6 +118,9 @@ class Trainer:
         self.donate = donated_state(devices)  # the jitted steps' donate_argnums, SweepTrainer's too
         self.train_step = train_step(self._loss, self.tx, seed)
         self._train_step = jax.jit(self.train_step, donate_argnums=self.donate, out_shardings=self.replicated)
+        self._block = self.block(self.train_step)
+        self.steps_per_call, self.trace = steps_per_call, None
+        self._placed = (None, None, None)  # (images, labels, their arrays on the devices) of the last epoch
         self._evaluate = jax.jit(self._evaluate_impl, static_argnames="batch", out_shardings=self.replicated)
 
     # -- state -------------------------------------------------------------------------------
@@ -130,22 +151,38 @@ class Trainer:
         """(ceil(n / B), B) example indices of ``epoch`` (:func:`common.batching.epoch_batches`)."""
         return epoch_batches(n, self.batch_size, self.seed, epoch)
 
+    def block(self, step):
+        """The jitted :func:`common.training.block_step` of ``step(state, batch, epoch) -> (state,
+        loss)`` over batches gathered by :func:`gather`."""
+        return jit_block(block_step(step, gather, self.batch_sharding), self.replicated, self.donate)
+
     def train_epoch(self, state, images, labels, epoch: int, progress=None):
-        """One epoch of jitted steps on host arrays ``images`` (N,48,48,3) uint8 and ``labels`` (N,);
-        returns (state, mean training loss over its batches). ``progress`` is called with 1 after
-        each step. Losses stay on the devices until the epoch ends, so the host never waits on a step."""
-        state, losses = self.run_epoch(self._train_step, state, images, labels, epoch, progress)
+        """One epoch of jitted steps on ``images`` (N,48,48,3) uint8 and ``labels`` (N,) (host
+        arrays, or arrays placed with :meth:`put`); returns (state, mean training loss over its
+        batches). ``progress`` is called with K after each dispatch of K steps. Losses stay on the
+        devices until the epoch ends, so the host never waits on a step."""
+        state, losses = self.run_epoch(self._block, state, images, labels, epoch, progress)
         return state, float(losses)
 
-    def run_epoch(self, step, state, images, labels, epoch: int, progress=None):
-        """:func:`common.training.run_epoch` of ``step`` over ``epoch``'s batches of the host arrays;
-        returns (state, the mean of the losses over the batches, as a host array)."""
-        images, labels = to_host(images), to_host(labels).astype(np.int32)
-        batches = ({"images": images[index], "labels": labels[index]} for index in self.epoch_batches(len(labels), epoch))
-        return run_epoch(step, state, batches, epoch, self.batch_sharding, self.wait_each_step, progress)
+    def placed(self, images, labels) -> dict[str, jax.Array]:
+        """The training arrays replicated on the devices, placed once for the same two arrays."""
+        if self._placed[0] is not images or self._placed[1] is not labels:
+            arrays = {"images": to_host(images), "labels": to_host(labels).astype(np.int32)}
+            self._placed = (images, labels, self.put(arrays))
+        return self._placed[2]
 
-    def put(self, array: np.ndarray) -> jax.Array:
-        """Place a host array, held in full by every process, on every device (evaluation data)."""
+    def run_epoch(self, block, state, images, labels, epoch: int, progress=None):
+        """:func:`common.training.run_epoch` of ``block`` (:meth:`block`) over ``epoch``'s batches of
+        ``images`` and ``labels`` (placed on the devices once: :meth:`placed`), K steps a call;
+        returns (state, the mean of the losses over the batches, as a host array)."""
+        data = self.placed(images, labels)
+        indices = self.epoch_batches(len(labels), epoch)
+        K = steps_per_call(self.steps_per_call, len(indices), self.mesh.devices.flat[0].platform, CPU_STEPS_PER_CALL)
+        return run_epoch(block, state, data, indices, epoch, self.batch_sharding, K, None, self.wait_each_step, progress,
+                         self.trace)
+
+    def put(self, array):
+        """Place a host array (or a tree of them), held in full by every process, on every device."""
         return put_replicated(self.mesh, array)
 
     # -- evaluation --------------------------------------------------------------------------
@@ -195,9 +232,11 @@ class SweepTrainer:
         lead = self.members[0]
         step = jax.vmap(lead.train_step, in_axes=(0, None, None))
         self._train_step = jax.jit(step, donate_argnums=lead.donate, out_shardings=lead.replicated)
+        self._block = lead.block(step)
 
     stack, member = staticmethod(stack), staticmethod(member)
 
     def train_epoch(self, state: TrainState, images, labels, epoch: int, progress=None):
-        """One epoch for every member at once -> (state, (L,) mean training losses)."""
-        return self.members[0].run_epoch(self._train_step, state, images, labels, epoch, progress)
+        """One epoch for every member at once, K steps a call (the first member's
+        ``steps_per_call`` and ``trace``) -> (state, (L,) mean training losses)."""
+        return self.members[0].run_epoch(self._block, state, images, labels, epoch, progress)

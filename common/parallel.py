@@ -4,7 +4,7 @@ One mesh axis, ``data``, over the devices of every process (:func:`data_mesh`). 
 one jitted program over a global batch sharded along that axis, with parameters and optimiser
 state replicated; XLA inserts the gradient all-reduce (and BatchNorm's cross-device statistics).
 Each process draws the same batch indices and feeds only the rows of its own devices
-(:func:`global_batch`, ``jax.make_array_from_process_local_data``). Processes are joined with
+(:func:`global_batch`, :func:`global_indices`, ``jax.make_array_from_process_local_data``). Processes are joined with
 ``jax.distributed`` (:func:`initialize`); on CPUs their collectives go through gloo.
 """
 
@@ -282,6 +282,17 @@ def global_batch(sharding: NamedSharding, batch: Mapping[str, np.ndarray]) -> di
     return arrays
 
 
+def global_indices(sharding: NamedSharding, indices: np.ndarray) -> jax.Array:
+    """Host indices (K, B) that every process holds in full -> a global array whose B columns are
+    split like a batch's rows by ``sharding`` (:func:`batch_sharding`; K whole), each process
+    sending only the columns of its own devices. Raises ``ValueError`` when B is not a multiple
+    of the devices along ``data``."""
+    indices = np.asarray(indices)
+    columns = local_rows(sharding, indices.shape[1])
+    spec = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+    return jax.make_array_from_process_local_data(spec, np.ascontiguousarray(indices[:, columns]), indices.shape)
+
+
 def put_replicated(mesh: Mesh, tree):
     """Host arrays that every process holds in full -> arrays replicated on every device of ``mesh``."""
     sharding = replicated(mesh)
@@ -291,10 +302,12 @@ def put_replicated(mesh: Mesh, tree):
 def to_host(array) -> np.ndarray:
     """A jax array as a host NumPy array in every process: a replicated array from the local copy,
     a sharded one gathered across processes (``multihost_utils.process_allgather``)."""
-    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+    if not isinstance(array, jax.Array):
         return np.asarray(array)
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))  # an explicit transfer (jax.transfer_guard allows it)
     if array.is_fully_replicated:
-        return np.asarray(array.addressable_data(0))
+        return np.asarray(jax.device_get(array.addressable_data(0)))
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))

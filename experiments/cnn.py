@@ -27,7 +27,7 @@ from cnn.model import count_params
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.checkpoint import CheckpointError
 from common.parallel import is_main_process
-from common.training import OtherRun, Run, fingerprint, fit, read_best, select
+from common.training import OtherRun, Run, Trace, fingerprint, fit, read_best, select
 from common.xla_cpu import choose_impl, cnn_retains_memory, tune_cpu
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 from experiments._parallel import check_same_run, start_parallel
@@ -62,7 +62,7 @@ def make_run(config: CNNConfig, lr: float, fingerprints: dict[str, str], devices
     """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer;
     ``fingerprints``: the splits' :func:`data_fingerprints`."""
     trainer = Trainer(config.batch_norm, lr, config.batch_size, config.seed, devices, impl=config.impl, pool=config.pool,
-                      dtype=config.dtype)
+                      dtype=config.dtype, steps_per_call=config.steps_per_call)
     run = Run(run_dir(config.workdir, lr), run_config(config, lr, fingerprints), trainer, kind="cnn", epochs=config.epochs,
               metric="val_acc", maximize=True, log=log, label=f"lr={lr:g} ")
     return run, trainer
@@ -79,16 +79,20 @@ def validation(trainer: Trainer, splits) -> Callable:
     return validate
 
 
-def train(runs: list[Run], trainers: list[Trainer], splits, validate, vmapped: bool, log) -> None:
-    """Every unfinished learning rate: one run at a time, or all as one vmapped program."""
+def train(runs: list[Run], trainers: list[Trainer], splits, validate, vmapped: bool, log, profile: Path | None = None) -> None:
+    """Every unfinished learning rate: one run at a time, or all as one vmapped program;
+    ``profile``: the folder of a trace of the first run trained (:meth:`Trace.after_compilation`)."""
     images, labels = splits.train.images, splits.train.labels
     steps = math.ceil(len(splits.train) / trainers[0].batch_size)
+    todo = [k for k, run in enumerate(runs) if not run.finished]
+    if profile is not None and todo:
+        first = min(runs[k].epochs_done for k in todo) if vmapped else runs[todo[0]].epochs_done
+        trainers[todo[0]].trace = Trace.after_compilation(profile, first, runs[0].epochs)
     if not vmapped:
         for run, trainer in zip(runs, trainers):
             fit([run], lambda state, epoch, progress, t=trainer: t.train_epoch(state, images, labels, epoch, progress),
                 validate, steps)
         return
-    todo = [k for k, run in enumerate(runs) if not run.finished]
     if todo:
         sweep = SweepTrainer([trainers[k] for k in todo])
         log(f"training lr={', '.join(f'{trainers[k].lr:g}' for k in todo)} as one vmapped program")
@@ -160,7 +164,9 @@ def cmd_train(config: CNNConfig, log) -> int:
     name = ("batch-norm CNN" if config.batch_norm else "baseline CNN") + (", Hopfield pooling" if config.pool == "hopfield" else "")
     splits, fingerprints = training_data(config, log)
     runs, trainers = start_runs(config, splits, fingerprints, name, log)
-    train(runs, trainers, splits, validation(trainers[0], splits), config.vmap_sweep, log)
+    train(runs, trainers, splits, validation(trainers[0], splits), config.vmap_sweep, log, config.profile)
+    if config.profile is not None:
+        log(f"profile: a jax.profiler trace under {config.profile} (README: opening it)")
     by_name = {f"{run.meta['config']['lr']:g}": run for run in runs}
     chosen = select(by_name)
     test = None

@@ -65,6 +65,14 @@ class RunOptions(Options):
                                      "itself)", metavar="HOST:PORT", record=False)
     num_processes: int | None = option(None, "multi-process run: how many processes", positive_int, record=False)
     process_id: int | None = option(None, "multi-process run: this process's index, 0..N-1", int, record=False)
+    steps_per_call: int | None = option(None, "training steps one dispatch runs, a lax.scan over K batches gathered "
+                                        "on the devices (default: the whole epoch on an accelerator, 1 on a CPU); "
+                                        "the same batches and dropout keys, so it changes only speed (P2G pads a "
+                                        "block's words to its longest, which changes their dropout masks)",
+                                        positive_int, metavar="K", record=False)
+    profile: Path | None = option(None, "write a jax.profiler trace of a few training steps after compilation (the "
+                                  "first blocks of the second epoch trained) under DIR, for TensorBoard or Perfetto",
+                                  folder, metavar="DIR", record=False)
     join_timeout: float = option(300.0, "multi-process run: how long a process waits for the others to join, and "
                                  "then to reach the check that all were started alike", positive_float,
                                  metavar="SECONDS", record=False)

