@@ -20,6 +20,8 @@ uninterrupted one-device run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -203,6 +205,16 @@ class Trainer:
 
         total, preds = jax.lax.scan(step, jnp.float32(0), (index.reshape(steps, batch), valid))
         return preds.reshape(-1)[:n], total / n
+
+    def validation(self, split) -> Callable[[TrainState], dict]:
+        """``state -> {"val_acc", "val_loss"}`` on ``split`` (its images and labels placed once)."""
+        images, labels = self.put(split.images), self.put(split.labels)
+
+        def validate(state: TrainState) -> dict:
+            result = self.evaluate(state, images, labels)
+            return {"val_acc": result["acc"], "val_loss": result["loss"]}
+
+        return validate
 
     def evaluate(self, state: TrainState, images, labels, batch: int = 250) -> dict:
         """Accuracy, mean NLL and predictions on data placed with :meth:`put`."""

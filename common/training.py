@@ -351,20 +351,26 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, disable=None if jax.process_index() == 0 else True)
 
 
-def fit(runs: list[Run], train_epoch: Callable, validate: Callable[[Any], dict], steps: int) -> None:
+def fit(runs: list[Run], train_epoch: Callable, validate: Callable[[Any], dict], steps: int,
+        profile: str | Path | None = None) -> None:
     """The epoch loop: train the unfinished ``runs`` together from their first missing epoch to
     their last, with a progress bar of ``steps`` steps an epoch, then :meth:`Run.end_epoch` for
     each. One run: ``train_epoch(state, epoch, progress) -> (state, mean training loss)``; several
     (a vmapped sweep): the same over their stacked states (:func:`common.training.stack`) with (L,)
     losses, a member that diverges carried along, ignored, and runs that stopped at different
     epochs (killed between two members' saves) rewound to the latest epoch all reached. Each
-    record's ``seconds`` is the epoch's time shared out among the runs trained in it."""
+    record's ``seconds`` is the epoch's time shared out among the runs trained in it. ``profile``:
+    a folder for a :class:`Trace` of a few steps after compilation (through the first run's
+    trainer, whose epochs a sweep's run)."""
     runs = [run for run in runs if not run.finished]
     if not runs:
         return
     start = min(run.epochs_done for run in runs)
     for run in runs:
         run.rewind(start)
+    if profile is not None:
+        runs[0].trainer.trace = Trace.after_compilation(profile, start, runs[0].epochs)
+        runs[0].log(f"profile: a jax.profiler trace of epoch {runs[0].trainer.trace.epoch + 1} under {profile}")
     together = len(runs) > 1
     state = stack([run.state for run in runs]) if together else runs[0].state
     for epoch in range(start, runs[0].epochs):
@@ -387,7 +393,6 @@ def select(runs: dict[str, Run]) -> str | None:
         return None
     sign = 1 if next(iter(finished.values())).maximize else -1
     return max(finished, key=lambda name: sign * finished[name].best)
-
 
 
 

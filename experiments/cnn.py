@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable
 
 import jax
 import numpy as np
@@ -27,7 +26,7 @@ from cnn.model import count_params
 from cnn.train import SweepTrainer, Trainer, confusion_matrix
 from common.checkpoint import CheckpointError
 from common.parallel import is_main_process
-from common.training import OtherRun, Run, Trace, fingerprint, fit, read_best, select
+from common.training import OtherRun, Run, fingerprint, fit, read_best, select
 from common.xla_cpu import choose_impl, cnn_retains_memory, tune_cpu
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 from experiments._parallel import check_same_run, start_parallel
@@ -68,36 +67,22 @@ def make_run(config: CNNConfig, lr: float, fingerprints: dict[str, str], devices
     return run, trainer
 
 
-def validation(trainer: Trainer, splits) -> Callable:
-    """``state -> {"val_acc", "val_loss"}`` on the validation split, held on the devices."""
-    images, labels = trainer.put(splits.val.images), trainer.put(splits.val.labels)
-
-    def validate(state) -> dict:
-        result = trainer.evaluate(state, images, labels)
-        return {"val_acc": result["acc"], "val_loss": result["loss"]}
-
-    return validate
-
-
-def train(runs: list[Run], trainers: list[Trainer], splits, validate, vmapped: bool, log, profile: Path | None = None) -> None:
+def train(runs: list[Run], trainers: list[Trainer], splits, vmapped: bool, log, profile: Path | None = None) -> None:
     """Every unfinished learning rate: one run at a time, or all as one vmapped program;
-    ``profile``: the folder of a trace of the first run trained (:meth:`Trace.after_compilation`)."""
+    ``profile``: the folder of a trace of the first run trained (:func:`common.training.fit`)."""
     images, labels = splits.train.images, splits.train.labels
-    steps = math.ceil(len(splits.train) / trainers[0].batch_size)
+    steps, validate = math.ceil(len(splits.train) / trainers[0].batch_size), trainers[0].validation(splits.val)
     todo = [k for k, run in enumerate(runs) if not run.finished]
-    if profile is not None and todo:
-        first = min(runs[k].epochs_done for k in todo) if vmapped else runs[todo[0]].epochs_done
-        trainers[todo[0]].trace = Trace.after_compilation(profile, first, runs[0].epochs)
     if not vmapped:
-        for run, trainer in zip(runs, trainers):
-            fit([run], lambda state, epoch, progress, t=trainer: t.train_epoch(state, images, labels, epoch, progress),
-                validate, steps)
+        for k in todo:
+            fit([runs[k]], lambda state, epoch, progress, t=trainers[k]: t.train_epoch(state, images, labels, epoch, progress),
+                validate, steps, profile if k == todo[0] else None)
         return
     if todo:
         sweep = SweepTrainer([trainers[k] for k in todo])
         log(f"training lr={', '.join(f'{trainers[k].lr:g}' for k in todo)} as one vmapped program")
         fit([runs[k] for k in todo], lambda state, epoch, progress: sweep.train_epoch(state, images, labels, epoch, progress),
-            validate, steps)
+            validate, steps, profile)
 
 
 def log_duplicates(splits, log) -> None:
@@ -164,9 +149,7 @@ def cmd_train(config: CNNConfig, log) -> int:
     name = ("batch-norm CNN" if config.batch_norm else "baseline CNN") + (", Hopfield pooling" if config.pool == "hopfield" else "")
     splits, fingerprints = training_data(config, log)
     runs, trainers = start_runs(config, splits, fingerprints, name, log)
-    train(runs, trainers, splits, validation(trainers[0], splits), config.vmap_sweep, log, config.profile)
-    if config.profile is not None:
-        log(f"profile: a jax.profiler trace under {config.profile} (README: opening it)")
+    train(runs, trainers, splits, config.vmap_sweep, log, config.profile)
     by_name = {f"{run.meta['config']['lr']:g}": run for run in runs}
     chosen = select(by_name)
     test = None

@@ -21,7 +21,7 @@ import numpy as np
 
 from common.checkpoint import CheckpointError
 from common.parallel import is_main_process
-from common.training import OtherRun, Run, Trace, fingerprint, fit, read_best, steps_per_call
+from common.training import OtherRun, Run, fingerprint, fit, read_best, steps_per_call
 from common.xla_cpu import choose_impl
 from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger, resumable_from, run, strict_json, warn
 from experiments._parallel import check_same_run, start_parallel
@@ -111,25 +111,15 @@ def cmd_train(config: P2GConfig, log) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(identity, devices, config.impl, config.steps_per_call)
     run = Run(out, identity, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
-    if config.profile is not None and not run.finished:
-        trainer.trace = Trace.after_compilation(config.profile, run.epochs_done, config.epochs)
     resumable_from(out)
     name = {None: "no attention", "bahdanau": "attention"}.get(config.attn, f"Hopfield attention, {config.hopfield_steps} step(s)")
     tested = f" / {len(data['test'])} test" if "test" in data else ""
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid{tested} pairs from {source}; "
         f"{len(identity['src_vocab'])} phoneme and {len(tgt_vocab)} character symbols; batches split over {len(devices)} device(s) in {jax.process_count()} process(es); out: {out}")
-
-    def validate(state) -> dict:
-        hypotheses = trainer.decode(state, valid, tgt_vocab)
-        return {"val_loss": trainer.loss(state, valid), "val_cer": cer(valid.spellings, hypotheses),
-                "val_wer": wer(valid.spellings, hypotheses)}
-
-    fit([run], lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress), validate,
-        steps=math.ceil(len(train) / config.batch_size))
+    fit([run], lambda state, epoch, progress: trainer.train_epoch(state, train, epoch, progress),
+        trainer.validation(valid, tgt_vocab), math.ceil(len(train) / config.batch_size), config.profile)
     state = run.saved_state() if run.best is not None and "test" in data else None  # the best epoch's, to test
     run.close()
-    if trainer.trace is not None:
-        log(f"profile: a jax.profiler trace under {config.profile} (README: opening it)")
     described = describe(config, trainer)
     if run.best is None:
         write_metrics(out, metrics("p2g", recorded(config), {f"{config.lr:g}": run}, None, None, **described))

@@ -24,7 +24,7 @@ dropout, K changes the (equally random) masks; without, only speed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -37,6 +37,7 @@ from common.precision import compute_dtype
 from common.training import TrainState, abstract_state, block_step, init_state, jit_block, run_epoch, steps_per_call, train_step
 from p2g.data import Batchable, Vocab, round_up
 from p2g.decode import beam_search, decode
+from p2g.metrics import cer, wer
 from p2g.model import Seq2Seq, sequence_loss
 
 # K of a CPU run (--steps-per-call's default there): a block is padded to its longest words, which
@@ -146,6 +147,15 @@ class Trainer:
                          lambda rows: batch_widths(data, rows), self.wait_each_step, progress, self.trace)
 
     # -- evaluation --------------------------------------------------------------------------
+
+    def validation(self, data: Batchable, vocab: Vocab) -> Callable[[TrainState], dict]:
+        """``state -> {"val_loss", "val_cer", "val_wer"}`` on ``data`` (CER and WER of greedy decoding)."""
+        def validate(state: TrainState) -> dict:
+            hypotheses = self.decode(state, data, vocab)
+            return {"val_loss": self.loss(state, data), "val_cer": cer(data.spellings, hypotheses),
+                    "val_wer": wer(data.spellings, hypotheses)}
+
+        return validate
 
     def loss(self, state: TrainState, data: Batchable) -> float:
         """Mean teacher-forced loss in eval mode (no dropout) over all target tokens, one jitted
