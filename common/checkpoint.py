@@ -49,7 +49,6 @@ class EarlierLayout(CheckpointError):
     """A run folder written by an earlier version of the training commands (``best/`` beside ``ckpt/``)."""
 
 
-
 def is_checkpoint_dir(path: Path) -> bool:
     """Whether ``path`` holds numbered orbax steps."""
     return path.is_dir() and any(child.name.isdigit() for child in path.iterdir())

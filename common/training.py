@@ -362,6 +362,8 @@ def fit(runs: list[Run], train_epoch: Callable, validate: Callable[[Any], dict],
     record's ``seconds`` is the epoch's time shared out among the runs trained in it. ``profile``:
     a folder for a :class:`Trace` of a few steps after compilation (through the first run's
     trainer, whose epochs a sweep's run)."""
+    if profile is not None and all(run.finished for run in runs):
+        runs[0].log(f"profile: nothing left to train, so no trace under {profile}")
     runs = [run for run in runs if not run.finished]
     if not runs:
         return
@@ -393,7 +395,6 @@ def select(runs: dict[str, Run]) -> str | None:
         return None
     sign = 1 if next(iter(finished.values())).maximize else -1
     return max(finished, key=lambda name: sign * finished[name].best)
-
 
 
 def read_best(directory: Path, kind: str, make_trainer: Callable[[dict], Any]):

@@ -24,13 +24,8 @@ from experiments._cli import dropout_rate, folder, non_negative_int, number, pos
 from p2g.data import normalise
 
 
-
 class ConfigError(ValueError):
-    """A field (``name``) whose value breaks a rule of its config (``str(err)`` says which)."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.name = name
+    """A value that breaks a rule of its config; ``str(err)`` names the flags."""
 
 
 def option(default, help: str, parse: Callable[[str], Any] | None = None, choices=None, metavar=None,
@@ -83,7 +78,7 @@ class RunOptions(Options):
         try:
             check_process_flags(self.coordinator, self.num_processes, self.process_id)
         except ValueError as err:
-            raise ConfigError("coordinator", str(err)) from None
+            raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -111,17 +106,17 @@ class CNNConfig(RunOptions):
     def __post_init__(self):
         super().__post_init__()
         if self.pool != "average" and not self.batch_norm:
-            raise ConfigError("pool", "--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
+            raise ConfigError("--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
         if self.pool == "hopfield" and self.dtype != "float32":
-            raise ConfigError("dtype", f"--dtype {self.dtype} does not cover the Hopfield pooling (--pool hopfield), "
+            raise ConfigError(f"--dtype {self.dtype} does not cover the Hopfield pooling (--pool hopfield), "
                                        "which computes in float32: leave --dtype float32")
         try:
             check_batch_norm_batch(self.batch_norm, self.batch_size)
         except BatchNormBatchError as err:
-            raise ConfigError("batch_size", f"--batch-size {err.batch_size} with --batch-norm: {err}") from None
+            raise ConfigError(f"--batch-size {err.batch_size} with --batch-norm: {err}") from None
         names = [f"{lr:g}" for lr in self.lr]
         if len(set(names)) < len(names):
-            raise ConfigError("lr", f"{' '.join(map(str, self.lr))}: the same learning rate twice (each gets the "
+            raise ConfigError(f"{' '.join(map(str, self.lr))}: the same learning rate twice (each gets the "
                                     "folder lr_<lr>)")
 
     @property
@@ -154,11 +149,11 @@ class P2GConfig(RunOptions):
     def __post_init__(self):
         super().__post_init__()
         if self.hidden % 2:
-            raise ConfigError("hidden", "--hidden must be even (half per encoder direction)")
+            raise ConfigError("--hidden must be even (half per encoder direction)")
         if self.attn != "hopfield" and self.hopfield_steps != 1:
-            raise ConfigError("hopfield_steps", "--hopfield-steps goes with --attn hopfield")
+            raise ConfigError("--hopfield-steps goes with --attn hopfield")
         if self.attn == "hopfield" and self.dtype != "float32":
-            raise ConfigError("dtype", f"--dtype {self.dtype} does not cover the Hopfield attention (--attn hopfield), "
+            raise ConfigError(f"--dtype {self.dtype} does not cover the Hopfield attention (--attn hopfield), "
                                        "which computes in float32: leave --dtype float32")
 
     @property
@@ -192,11 +187,11 @@ class P2GTestConfig(Options):
 
     def __post_init__(self):
         if self.data_dir is not None and self.test_file is not None:
-            raise ConfigError("test_file", "--test-file and --data-dir: pass one or the other")
+            raise ConfigError("--test-file and --data-dir: pass one or the other")
         if self.k is not None and self.topp is None:
-            raise ConfigError("k", "--k is the number of nucleus samples: it goes with --topp")
+            raise ConfigError("--k is the number of nucleus samples: it goes with --topp")
         if self.length_penalty and self.beam is None:
-            raise ConfigError("length_penalty", "--length-penalty ranks the hypotheses of beam search: it goes with "
+            raise ConfigError("--length-penalty ranks the hypotheses of beam search: it goes with "
                                                 "--beam")
 
     @property

@@ -143,7 +143,7 @@ def make_trainer(config: dict, devices=None, impl: str = "reference", steps_per_
                    dropout=config["dropout"], attention=config["attention"], hopfield_steps=config.get("hopfield_steps", 1),
                    lr=config["lr"],
                    batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl,
-                   bucket=config.get("bucket", 1), dtype=config.get("dtype", "float32"), steps_per_call=steps_per_call)
+                   bucket=config["bucket"], dtype=config.get("dtype", "float32"), steps_per_call=steps_per_call)
 
 
 def test_pairs(config: P2GTestConfig, trained: dict, log):

@@ -296,6 +296,7 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp
     Checkpoints(tmp_path / "run" / "ckpt", lock=True).close()  # free again once the first has ended
 
 
+@pytest.mark.slow
 def test_ckpt_replaced_by_a_file_and_an_earlier_layout_are_one_line_errors(intel_npz, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "ckpt").write_text("not a folder")
