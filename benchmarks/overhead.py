@@ -28,7 +28,7 @@ import json
 import statistics
 import time
 
-from experiments._xla import cnn_retains_memory, tune_cpu
+from common.xla_cpu import cnn_retains_memory, tune_cpu
 
 
 def noop_step(state, batch, epoch):

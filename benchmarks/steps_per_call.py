@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 
-from experiments._xla import tune_cpu
+from common.xla_cpu import tune_cpu
 
 
 def cnn_epoch(impl: str, steps: int):
