@@ -15,12 +15,11 @@ import numpy as np
 # the xla_cpu implementation, tested on its own), with two XLA host devices for the data-parallel tests.
 jax.config.update("jax_num_cpu_devices", 2)
 
-# One persistent compilation cache for the session, this process and the command lines it starts
-# (JAX reads the variables at start-up): the many runs of the same small models compile once.
+# One persistent compilation cache for the command lines the session starts (JAX reads the
+# variables at start-up): their many runs of the same small models compile once. Not for this
+# process, where writing the cache costs more than it saves.
 _CACHE = tempfile.TemporaryDirectory(prefix="jax-cache-")
 os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE.name, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
-jax.config.update("jax_compilation_cache_dir", _CACHE.name)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 import pytest
 
