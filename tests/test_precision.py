@@ -59,6 +59,19 @@ def test_dtype_names():
     assert at_least_float32(jnp.ones(2, jnp.float32)).dtype == jnp.float32
 
 
+def assert_bfloat16_near_float32(results: dict, products: dict, loss_rtol: float, min_cosine: float) -> None:
+    """``results[dtype] = (outputs, loss, gradients)`` of the float32 and bfloat16 models, and
+    ``products[dtype]`` the dtypes their products read: every product in its model's dtype, outputs
+    within 0.01, losses within ``loss_rtol`` of float32's, gradients at cosine above ``min_cosine``."""
+    assert products == {"float32": {"float32"}, "bfloat16": {"bfloat16"}}
+    (out32, loss32, g32), (out16, loss16, g16) = results["float32"], results["bfloat16"]
+    np.testing.assert_allclose(out16, out32, atol=0.01)
+    assert abs(float(loss16) - float(loss32)) < loss_rtol * float(loss32)
+    flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
+    cosine = jnp.dot(flat(g16), flat(g32)) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32)))
+    assert float(cosine) > min_cosine, float(cosine)
+
+
 # -- CNN -------------------------------------------------------------------------------------
 
 def cnn_pair(impl):
@@ -94,13 +107,7 @@ def test_bfloat16_cnn_computes_in_bfloat16_close_to_float32(impl):
         products[dtype] = matmul_dtypes(jax.grad(lambda p: loss(p, stats)[0]), params)
         grads = {jax.tree_util.keystr(k): g for k, g in jax.tree_util.tree_leaves_with_path(grads)}
         results[dtype] = (log_probs, value, {k: g for k, g in grads.items() if not feeds_batch_norm(k)})
-    assert products == {"float32": {"float32"}, "bfloat16": {"bfloat16"}}
-    (lp32, loss32, g32), (lp16, loss16, g16) = results["float32"], results["bfloat16"]
-    np.testing.assert_allclose(lp16, lp32, atol=0.01)
-    assert abs(float(loss16) - float(loss32)) < 0.01 * float(loss32)
-    flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
-    cosine = jnp.dot(flat(g16), flat(g32)) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32)))
-    assert float(cosine) > 0.97, float(cosine)
+    assert_bfloat16_near_float32(results, products, loss_rtol=0.01, min_cosine=0.97)
 
 
 def test_hopfield_pooling_refuses_a_dtype():
@@ -151,13 +158,7 @@ def test_bfloat16_seq2seq_computes_in_bfloat16_close_to_float32(impl):
         assert value.dtype == jnp.float32 and float_dtypes(grads) == {"float32"}
         products[dtype] = matmul_dtypes(jax.grad(loss), params)
         results[dtype] = (jnp.where((tgt_out != 0)[..., None], logits, 0.0), value, grads)
-    assert products == {"float32": {"float32"}, "bfloat16": {"bfloat16"}}
-    (l32, v32, g32), (l16, v16, g16) = results["float32"], results["bfloat16"]
-    np.testing.assert_allclose(l16, l32, atol=0.01)
-    assert abs(float(v16) - float(v32)) < 0.002 * float(v32)
-    flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
-    cosine = jnp.dot(flat(g16), flat(g32)) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32)))
-    assert float(cosine) > 0.999, float(cosine)
+    assert_bfloat16_near_float32(results, products, loss_rtol=0.002, min_cosine=0.999)
 
 
 def test_hopfield_attention_refuses_a_dtype():
