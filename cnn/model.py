@@ -86,27 +86,30 @@ def layers(impl: str) -> Layers:
     raise ValueError(f"unknown CNN implementation {impl!r}; expected one of {IMPLS}")
 
 
-def hopfield_pooling(rngs: nnx.Rngs) -> nnx.Module:
-    """One learned query retrieving from the last block's feature vectors (:mod:`hopfield.layers`)."""
+def hopfield_pooling(features: int, rngs: nnx.Rngs) -> nnx.Module:
+    """One learned query retrieving from the last block's ``features``-wide feature vectors
+    (:mod:`hopfield.layers`)."""
     from hopfield.layers import HopfieldPooling
 
-    return HopfieldPooling(CHANNELS[-1], quantity=1, rngs=rngs)
+    return HopfieldPooling(features, quantity=1, rngs=rngs)
 
 
 class CNN(nnx.Module):
     """``(B, 48, 48, 3)`` float images -> ``(B, 6)`` log-probabilities.
 
     ``batch_norm`` switches between the baseline and the BN + global-average-pooling variant;
-    ``impl`` picks the layer set and ``pool`` the BN variant's pooling (module docstring).
+    ``impl`` picks the layer set and ``pool`` the BN variant's pooling (module docstring);
+    ``width`` multiplies the blocks' channels (1: the homework's 32 / 64 / 128).
     Train/eval mode (dropout, BatchNorm statistics) follows ``model.train()`` / ``model.eval()``;
     in train mode dropout draws from ``rngs`` (its ``dropout`` stream), passed per call so that
     the model's state holds only arrays (parameters and BatchNorm statistics). ``dtype``: the
     layers' computation dtype (module docstring). Raises ``ValueError`` for an unknown ``impl`` or
-    ``pool``, for ``pool="hopfield"`` without BatchNorm, and for ``pool="hopfield"`` with a ``dtype``.
+    ``pool``, for ``pool="hopfield"`` without BatchNorm, for ``pool="hopfield"`` with a ``dtype`` and
+    for ``width`` < 1.
     """
 
     def __init__(self, batch_norm: bool, rngs: nnx.Rngs, impl: str = "reference", pool: str = "average",
-                 dtype=None):
+                 dtype=None, width: int = 1):
         parts = layers(impl)
         if pool not in POOLS:
             raise ValueError(f"unknown pooling {pool!r}; expected one of {POOLS}")
@@ -114,17 +117,20 @@ class CNN(nnx.Module):
             raise ValueError("pool='hopfield' replaces the BN variant's global average pooling: it needs batch_norm=True")
         if pool == "hopfield" and dtype is not None:
             raise ValueError("pool='hopfield' computes in its parameters' dtype: it takes no dtype (no bfloat16 path)")
+        if width < 1:
+            raise ValueError(f"width must be a positive integer, got {width}")
         self.batch_norm, self.impl = batch_norm, impl
-        ins = (IMAGE_SHAPE[-1],) + CHANNELS[:-1]
-        self.blocks = nnx.List([parts.conv_block(i, o, batch_norm, rngs=rngs, dtype=dtype) for i, o in zip(ins, CHANNELS)])
-        side = IMAGE_SHAPE[0] // 2 ** len(CHANNELS)
-        features = CHANNELS[-1] if batch_norm else side * side * CHANNELS[-1]
+        channels = tuple(width * c for c in CHANNELS)
+        ins = (IMAGE_SHAPE[-1],) + channels[:-1]
+        self.blocks = nnx.List([parts.conv_block(i, o, batch_norm, rngs=rngs, dtype=dtype) for i, o in zip(ins, channels)])
+        side = IMAGE_SHAPE[0] // 2 ** len(channels)
+        features = channels[-1] if batch_norm else side * side * channels[-1]
         self.fc1 = nnx.Linear(features, 1024, dot_general=parts.dot_general, dtype=dtype, rngs=rngs)
         self.norm = nnx.BatchNorm(1024, momentum=0.9, dtype=dtype, rngs=rngs) if batch_norm else None
         self.dropout = parts.dropout(DROPOUT)
         self.fc2 = nnx.Linear(1024, 512, dot_general=parts.dot_general, dtype=dtype, rngs=rngs)
         self.fc3 = nnx.Linear(512, NUM_CLASSES, dot_general=parts.dot_general, dtype=dtype, rngs=rngs)
-        self.pool = hopfield_pooling(rngs) if pool == "hopfield" else None  # made last: the other layers
+        self.pool = hopfield_pooling(channels[-1], rngs) if pool == "hopfield" else None  # made last: the other layers
         # then start as in the average-pooling model
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:

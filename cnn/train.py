@@ -8,6 +8,10 @@ and ``stats`` (``nnx.BatchStat``); a training step is one jitted pure function o
     (loss, stats'), g = value_and_grad(NLL(log_softmax(f(params, stats, x_b)), y_b))
     params <- params - lr * g                    (optax.sgd, lr injected: a leaf of the state)
 
+That is the homework's recipe and the default; beyond it (``--config best``) the images are
+augmented inside the step (:mod:`cnn.augment`), the loss smooths its labels and the update is
+:class:`common.optim.Optimizer`'s (momentum, weight decay, a schedule).
+
 The training images stay on the devices (replicated: every device holds the whole training set,
 small at 48x48 pixels; each process places it from its own full copy) and each dispatch runs K
 steps, a ``lax.scan`` over K batches gathered on the devices (:func:`common.training.block_step`),
@@ -29,8 +33,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cnn.augment import augment
 from cnn.model import CNN, NUM_CLASSES
 from common.batching import epoch_batches
+from common.optim import Optimizer
 from common.parallel import batch_sharding, data_mesh, default_devices, in_process_collectives, put_replicated, replicated, to_host
 from common.precision import compute_dtype
 from common.training import (TrainState, abstract_state, block_step, init_state, jit_block, member, run_epoch,
@@ -48,13 +54,17 @@ def donated_state(devices) -> tuple[int, ...]:
     return () if devices[0].platform == "cpu" else (0,)
 
 
-def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
+def nll_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Mean negative log-likelihood: -1/B sum_b log p(y_b | x_b). ``(B, C), (B,) -> ()``.
     The model outputs log-probabilities, so this is optax's softmax cross-entropy of them (the
-    log-softmax of a log-softmax is itself)."""
+    log-softmax of a log-softmax is itself). ``label_smoothing`` alpha > 0: the cross-entropy
+    against (1 - alpha) one_hot(y) + alpha / C (``optax.smooth_labels``; Szegedy et al. 2016)."""
     chex.assert_rank(log_probs, 2)
     chex.assert_rank(labels, 1)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(log_probs, labels))
+    if not label_smoothing:
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(log_probs, labels))
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, log_probs.shape[-1], dtype=log_probs.dtype), label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(log_probs, targets))
 
 
 class BatchNormBatchError(ValueError):
@@ -97,11 +107,15 @@ class Trainer:
     model's computation, "float32" or "bfloat16" (:mod:`common.precision`; the state stays float32).
     ``steps_per_call``: K, the steps of one dispatch (None: :func:`common.training.steps_per_call`'s
     default); ``trace``: a :class:`common.training.Trace` of the epoch it names (settable).
+    Beyond the homework (whose values are the defaults): ``optimizer`` (:class:`common.optim.Optimizer`,
+    at learning rate ``lr``), ``augment`` (:data:`cnn.augment.AUGMENTATIONS`, drawn from the step's
+    key), ``label_smoothing`` (:func:`nll_loss`) and ``width`` (:class:`cnn.model.CNN`).
     """
 
     def __init__(self, batch_norm: bool, lr: float, batch_size: int, seed: int = 0, devices=None,
                  impl: str = "reference", pool: str = "average", dtype: str = "float32",
-                 steps_per_call: int | None = None):
+                 steps_per_call: int | None = None, *, optimizer: Optimizer = Optimizer(), augment: str = "none",
+                 label_smoothing: float = 0.0, width: int = 1):
         devices = list(devices if devices is not None else default_devices())
         if batch_size % len(devices):
             raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} devices")
@@ -109,9 +123,9 @@ class Trainer:
         self.mesh = data_mesh(devices)
         self.replicated, self.batch_sharding = replicated(self.mesh), batch_sharding(self.mesh)
         self.wait_each_step = in_process_collectives(self.mesh)  # one step in flight (common.parallel)
-        self.tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
-        self.dtype = dtype
-        model = CNN(batch_norm, rngs=nnx.Rngs(params=seed), impl=impl, pool=pool, dtype=compute_dtype(dtype))
+        self.tx = optimizer(lr)
+        self.dtype, self.augment, self.label_smoothing = dtype, augment, label_smoothing
+        model = CNN(batch_norm, rngs=nnx.Rngs(params=seed), impl=impl, pool=pool, dtype=compute_dtype(dtype), width=width)
         model.train()
         self.train_graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         model.eval()
@@ -142,12 +156,14 @@ class Trainer:
 
     def _loss(self, params, stats, batch: dict, key):
         """Mean NLL of ``batch`` (``images`` (B,48,48,3) uint8, ``labels`` (B,)) in training mode
-        (dropout from ``key``, BatchNorm on the batch's statistics) -> (loss, updated statistics).
-        Raises :class:`BatchNormBatchError` (when traced) for a BatchNorm model and B = 1."""
+        (dropout from ``key``, the images augmented from ``fold_in(key, 1)``, BatchNorm on the
+        batch's statistics) -> (loss, updated statistics). Raises :class:`BatchNormBatchError`
+        (when traced) for a BatchNorm model and B = 1."""
         check_batch_norm_batch(self.batch_norm, batch["labels"].shape[0])  # the global batch's shape
         model = nnx.merge(self.train_graph, params, stats, copy=True)
-        log_probs = model(pixels(batch["images"]), rngs=nnx.Rngs(dropout=key))
-        return nll_loss(log_probs, batch["labels"]), nnx.state(model, nnx.BatchStat)
+        images = augment(jax.random.fold_in(key, 1), batch["images"], self.augment)
+        log_probs = model(pixels(images), rngs=nnx.Rngs(dropout=key))
+        return nll_loss(log_probs, batch["labels"], self.label_smoothing), nnx.state(model, nnx.BatchStat)
 
     def epoch_batches(self, n: int, epoch: int) -> np.ndarray:
         """(ceil(n / B), B) example indices of ``epoch`` (:func:`common.batching.epoch_batches`)."""

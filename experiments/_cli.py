@@ -45,6 +45,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a flag is its full name (--config is read before parsing)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
@@ -215,6 +216,9 @@ positive_float = number(float, lambda v: math.isfinite(v) and v > 0, "must be a 
 unit_interval = number(float, lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]", "unit_interval")
 probability = number(float, lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]", "probability")  # a nucleus mass
 dropout_rate = number(float, lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)", "dropout_rate")  # 1 trains nothing
+fraction = number(float, lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)", "fraction")
+non_negative_float = number(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0",
+                            "non_negative_float")
 positive_int = number(int, lambda v: v > 0, "must be a positive integer", "positive_int")
 non_negative_int = number(int, lambda v: v >= 0, "must be an integer >= 0", "non_negative_int")
 seed = number(int, lambda v: 0 <= v < SEED_LIMIT, "must be an integer in [0, 2**32)", "seed")

@@ -32,7 +32,7 @@ from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger
 from experiments._parallel import check_same_run, start_parallel
 from experiments._plots import plot_confusion, plot_curves
 from experiments._training import batch_devices, checkpoint_folder, metrics, read_metrics, write_metrics
-from experiments.configs import CNNConfig, add_flags, from_args, recorded
+from experiments.configs import CNNConfig, add_flags, beyond_homework, from_args, optimizer, recorded, use_named
 
 
 def run_dir(out: Path, lr: float) -> Path:
@@ -54,14 +54,15 @@ def run_config(config: CNNConfig, lr: float, fingerprints: dict[str, str]) -> di
         identity["pool"] = config.pool
     if config.dtype != "float32":
         identity["dtype"] = config.dtype
-    return identity
+    return identity | beyond_homework(config)
 
 
-def make_run(config: CNNConfig, lr: float, fingerprints: dict[str, str], devices, log) -> tuple[Run, Trainer]:
+def make_run(config: CNNConfig, lr: float, fingerprints: dict[str, str], devices, steps: int, log) -> tuple[Run, Trainer]:
     """One learning rate's :class:`Run` in lr_<lr>/ (resumed if there) and its trainer;
-    ``fingerprints``: the splits' :func:`data_fingerprints`."""
+    ``fingerprints``: the splits' :func:`data_fingerprints`; ``steps``: an epoch's."""
     trainer = Trainer(config.batch_norm, lr, config.batch_size, config.seed, devices, impl=config.impl, pool=config.pool,
-                      dtype=config.dtype, steps_per_call=config.steps_per_call)
+                      dtype=config.dtype, steps_per_call=config.steps_per_call, optimizer=optimizer("sgd", vars(config), config.epochs, steps),
+                      augment=config.augment, label_smoothing=config.label_smoothing, width=config.width)
     run = Run(run_dir(config.workdir, lr), run_config(config, lr, fingerprints), trainer, kind="cnn", epochs=config.epochs,
               metric="val_acc", maximize=True, log=log, label=f"lr={lr:g} ")
     return run, trainer
@@ -117,7 +118,8 @@ def start_runs(config: CNNConfig, splits, fingerprints, name: str, log) -> tuple
     if others:
         warn(f"note: {out} also holds {', '.join(others)} from another command; this command's metrics.json and "
              f"plots cover --lr {' '.join(f'{lr:g}' for lr in config.lr)} only (pass every --lr to compare them all)")
-    made = [make_run(config, lr, fingerprints, devices, log) for lr in config.lr]
+    steps = math.ceil(len(splits.train) / config.batch_size)
+    made = [make_run(config, lr, fingerprints, devices, steps, log) for lr in config.lr]
     resumable_from(out)
     return [run for run, _ in made], [trainer for _, trainer in made]
 
@@ -177,11 +179,19 @@ def cmd_train(config: CNNConfig, log) -> int:
     return 0
 
 
+def saved_trainer(saved: dict, impl: str) -> Trainer:
+    """A trainer of the run whose identity (:func:`run_config`) is ``saved``, computing with
+    ``impl``: its state has the saved state's structure (the schedule's length aside, which only
+    training reads)."""
+    return Trainer(saved["batch_norm"], saved["lr"], saved["batch_size"], saved["seed"], impl=impl,
+                   pool=saved.get("pool", "average"), dtype=saved.get("dtype", "float32"),
+                   optimizer=optimizer("sgd", saved, None), augment=saved.get("augment", "none"),
+                   label_smoothing=saved.get("label_smoothing", 0.0), width=saved.get("width", 1))
+
+
 def cmd_evaluate(config: CNNConfig, log) -> int:
     data, directory = Path(config.data), checkpoint_folder(Path(config.evaluate), "cnn")
-    trainer, state, _ = read_best(directory, "cnn", lambda saved: Trainer(
-        saved["batch_norm"], saved["lr"], saved["batch_size"], saved["seed"], impl=config.impl,
-        pool=saved.get("pool", "average"), dtype=saved.get("dtype", "float32")))
+    trainer, state, _ = read_best(directory, "cnn", lambda saved: saved_trainer(saved, config.impl))
     splits = load(data, required=("test",), tfds_dir=config.tfds_dir, log=log)
     log_duplicates(splits, warn)
     split = splits.test
@@ -195,6 +205,7 @@ def cmd_evaluate(config: CNNConfig, log) -> int:
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m experiments.cnn", description=__doc__.split("\n")[0])
     add_flags(parser, CNNConfig)
+    use_named(parser, CNNConfig, argv)
     config = from_args(parser, CNNConfig, parser.parse_args(argv))
     logs = start_parallel(config)  # joins the processes of a multi-process run; only process 0 logs
     log = logger(config.quiet or not logs)

