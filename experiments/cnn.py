@@ -149,6 +149,7 @@ def report(result: dict, runs: list[Run], log) -> None:
 def cmd_train(config: CNNConfig, log) -> int:
     out = config.workdir
     name = ("batch-norm CNN" if config.batch_norm else "baseline CNN") + (", Hopfield pooling" if config.pool == "hopfield" else "")
+    name += f" (--config {config.config})" if config.config != "homework" else ""
     splits, fingerprints = training_data(config, log)
     runs, trainers = start_runs(config, splits, fingerprints, name, log)
     train(runs, trainers, splits, config.vmap_sweep, log, config.profile)

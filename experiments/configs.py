@@ -22,6 +22,7 @@ from cnn.data import DEFAULT_NPZ
 from cnn.train import BatchNormBatchError, check_batch_norm_batch
 from common.optim import SCHEDULES, Optimizer
 from common.precision import DTYPES
+from common.xla_cpu import IMPL_CHOICES
 from experiments._cli import (dropout_rate, folder, fraction, non_negative_float, non_negative_int, number, positive_float,
                               positive_int, probability, seed)
 from p2g.data import normalise
@@ -45,7 +46,7 @@ class Options:
     """The options of every command that runs a model: its implementation and the output."""
 
     impl: str = option("auto", "reference: Flax's own layers; xla_cpu: the part's XLA:CPU kernels; auto: xla_cpu "
-                       "on a CPU, reference on an accelerator", choices=("auto", "reference", "xla_cpu"))
+                       "on a CPU, reference on an accelerator", choices=IMPL_CHOICES)
     quiet: bool = option(False, "print only the final JSON line (and warnings, to stderr)", record=False)
 
 
@@ -186,8 +187,8 @@ class P2GConfig(RunOptions):
     schedule: str = option("constant", "the learning rate over training: constant, or cosine decay to 0 after "
                            "--warmup-epochs of linear warm-up", choices=SCHEDULES)
     warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up", non_negative_int)
-    beam: int | None = option(None, "decode the test split by beam search of this width (default: greedy); "
-                              "p2g test then decodes with it too", positive_int)
+    beam: int = option(0, "decode the test split by beam search of this width (0: greedy); p2g test then decodes "
+                       "with it too", non_negative_int)
     length_penalty: float = option(0.0, "with --beam: GNMT's length penalty exponent ALPHA (p2g test --length-penalty)",
                                    non_negative_float, metavar="ALPHA")
 
@@ -205,7 +206,7 @@ class P2GConfig(RunOptions):
         super().__post_init__()
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             raise ConfigError(f"--warmup-epochs {self.warmup_epochs} must be fewer than --epochs {self.epochs}")
-        if self.length_penalty and self.beam is None:
+        if self.length_penalty and not self.beam:
             raise ConfigError("--length-penalty ranks the hypotheses of beam search: it goes with --beam")
         if self.hidden % 2:
             raise ConfigError("--hidden must be even (half per encoder direction)")
@@ -287,13 +288,21 @@ def optimizer(name: str, values: dict, epochs: int | None = None, steps_per_epoc
     return Optimizer(name, momentum, nesterov, decay, schedule, epochs * steps_per_epoch, warmup * steps_per_epoch)
 
 
+class _PreParser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise ValueError(message)
+
+
 def use_named(parser: argparse.ArgumentParser, config_type: type, argv) -> None:
     """Where ``argv`` (None: ``sys.argv[1:]``) has ``--config NAME`` of ``config_type.NAMED``,
     that configuration's values become ``parser``'s defaults, so flags given beside it override
     them; an unknown NAME is left to the parser's own error."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = _PreParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
-    name = pre.parse_known_args(argv)[0].config
+    try:
+        name = pre.parse_known_args(argv)[0].config
+    except ValueError:  # "--config" without a name: the parser's own one-line error follows
+        return
     values = config_type.NAMED.get(name, {})
     parser.set_defaults(**{key: list(v) if isinstance(v, tuple) else v for key, v in values.items()})
 

@@ -94,7 +94,8 @@ def report(result: dict, out: Path, log) -> None:
         + f"; {result['wall_s']:.0f} s of training; checkpoint {out / 'ckpt'}")
     if is_main_process():
         print(strict_json({"best_epoch": best["epoch"], "val_cer": best["val"]["val_cer"], "val_wer": best["val"]["val_wer"],
-                           **({"test_cer": test["cer"], "test_wer": test["wer"]} if test else {}), "wall_s": result["wall_s"]}))
+                           **({"test_cer": test["cer"], "test_wer": test["wer"], "test_decoding": test["decoding"]} if test else {}),
+                           "wall_s": result["wall_s"]}))
 
 
 def describe(config: P2GConfig, trainer: Trainer) -> dict:
@@ -115,6 +116,7 @@ def cmd_train(config: P2GConfig, log) -> int:
     run = Run(out, identity, trainer, kind="p2g", epochs=config.epochs, metric="val_cer", maximize=False, log=log)
     resumable_from(out)
     name = {None: "no attention", "bahdanau": "attention"}.get(config.attn, f"Hopfield attention, {config.hopfield_steps} step(s)")
+    name += f", --config {config.config}" if config.config != "homework" else ""
     tested = f" / {len(data['test'])} test" if "test" in data else ""
     log(f"P2G ({name}): {len(train)} train / {len(valid)} valid{tested} pairs from {source}; "
         f"{len(identity['src_vocab'])} phoneme and {len(tgt_vocab)} character symbols; batches split over {len(devices)} device(s) in {jax.process_count()} process(es); out: {out}")
@@ -128,7 +130,7 @@ def cmd_train(config: P2GConfig, log) -> int:
         raise UserError(f"the run diverged before its first validation; nothing to select (history in {out / 'metrics.json'})")
     test = None
     if "test" in data:
-        if config.beam is None:
+        if not config.beam:
             hypotheses = trainer.decode(state, data["test"], tgt_vocab)
         else:
             hypotheses = trainer.beam_decode(state, data["test"], tgt_vocab, config.beam, alpha=config.length_penalty)
@@ -143,8 +145,8 @@ def cmd_train(config: P2GConfig, log) -> int:
     return 0
 
 
-def decoding_name(beam: int | None, length_penalty: float) -> str:
-    return "greedy" if beam is None else f"beam {beam}, length penalty {length_penalty:g}"
+def decoding_name(beam: int, length_penalty: float) -> str:
+    return "greedy" if not beam else f"beam {beam}, length penalty {length_penalty:g}"
 
 
 def make_trainer(config: dict, devices=None, impl: str = "reference", steps_per_call: int | None = None,
@@ -198,7 +200,7 @@ def tuned_decoding(options: P2GTestConfig, run_folder: Path, log) -> P2GTestConf
     """``options`` with the beam search the training command named (its ``--beam`` and
     ``--length-penalty``, in ``run_folder``'s metrics.json) where ``--beam`` was not given."""
     trained = (read_metrics(run_folder, "p2g") or {}).get("config", {})
-    if options.beam is not None or not isinstance(trained, dict) or trained.get("beam") is None:
+    if options.beam is not None or not isinstance(trained, dict) or not trained.get("beam"):
         return options
     log(f"decoding as the model was trained to be tested: beam {trained['beam']}, length penalty "
         f"{trained.get('length_penalty', 0.0):g} (--beam and --length-penalty choose another)")

@@ -184,6 +184,7 @@ def test_a_named_configuration_sets_defaults_that_flags_override():
     assert beyond_homework(best) == {name: getattr(best, name) for name in CNNConfig.BEYOND if name != "width"} | {"epochs": 100}
     p2g = parse(P2GConfig, ["--config", "best", "--hidden", "64"])
     assert (p2g.hidden, p2g.encoder_layers, p2g.beam, p2g.attn) == (64, 2, 5, "bahdanau")
+    assert parse(P2GConfig, ["--config", "best", "--beam", "0", "--length-penalty", "0"]).beam == 0  # greedy
 
 
 @pytest.mark.parametrize("config_type, argv, message", [
@@ -202,6 +203,7 @@ def test_rules_of_the_new_fields_are_config_errors(config_type, argv, message):
 
 def test_an_unknown_configuration_or_an_abbreviated_flag_is_a_one_line_error(capsys):
     for argv, message in ((["--config", "fastest"], "invalid choice: 'fastest'"),
+                          (["--config"], "argument --config: expected one argument"),
                           (["--conf", "best"], "unrecognized arguments: --conf best")):
         with pytest.raises(SystemExit) as exit_:
             parse(CNNConfig, argv)
