@@ -4,6 +4,7 @@
     python -m experiments.cnn --lr 0.1 0.01 0.001            # the sweep, selected by validation accuracy
     python -m experiments.cnn --batch-norm --lr 0.01         # the BN + global-average-pooling variant
     python -m experiments.cnn --lr 0.1 0.01 0.001 --vmap-sweep   # the sweep as one vmapped program
+    python -m experiments.cnn --config best                  # beyond the homework (experiments/configs.py)
     python -m experiments.cnn --evaluate runs/cnn --data FILE.npz
 
 Writes to --out: metrics.json, training_loss.png, val_accuracy.png, confusion_matrix.png and, per

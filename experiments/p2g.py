@@ -1,6 +1,7 @@
 """Phoneme-to-grapheme conversion: train, then test with greedy decoding and nucleus sampling.
 
     python -m experiments.p2g train [--attn [hopfield] [--hopfield-steps K]] [--data-dir DIR] [--out DIR]
+    python -m experiments.p2g train --config best        # beyond the homework (experiments/configs.py)
     python -m experiments.p2g test --checkpoint DIR [--data-dir DIR | --test-file FILE] [--topp 0.8 --k 3]
                                    [--beam 5 [--length-penalty ALPHA]] [--plot-attention WORD ...]
 
